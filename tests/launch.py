@@ -1,0 +1,114 @@
+"""Launch real torchrun jobs (gloo, CPU) from tests and read back what they wrote.
+
+Every equivalence test in the course goes through `run_step`: it starts a step's
+`train.py` under `python -m torch.distributed.run`, waits with a timeout (so a
+deadlock fails the test instead of hanging CI) and returns the JSON-lines metrics.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = sorted(p.name for p in REPO.glob("step0*") if p.is_dir())
+
+# Small enough that an 8-process run takes seconds on a 2-core machine.
+TINY = ["--model", "tiny", "--seq-len", "32", "--micro-batch-size", "2",
+        "--lr", "3e-3", "--warmup-steps", "2", "--dtype", "float32", "--device", "cpu"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(extra=None):
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               COURSE_PG_TIMEOUT_S="60")  # a hung collective fails in a minute
+    env.update(extra or {})
+    return env
+
+
+def torchrun(script, nproc, args=(), timeout=300, env=None, check=True):
+    """Run `script` on `nproc` local processes; return the CompletedProcess.
+
+    With check=True a non-zero exit raises AssertionError carrying the tail of the output.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           str(script), *map(str, args)]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=child_env(env), capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"")[-4000:] if isinstance(e.stdout, bytes) else (e.stdout or "")[-4000:]
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out}") from None
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {' '.join(cmd)}\n"
+                             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def run_step(step, nproc, args, tmp_path, timeout=300, env=None, tag=None):
+    """Train `step` (e.g. "step03_tensor_parallel") on `nproc` gloo ranks; return its metrics list."""
+    tag = tag or f"{step}_{nproc}_{abs(hash(tuple(map(str, args)))) % 10**8}"
+    log = Path(tmp_path) / f"{tag}.jsonl"
+    torchrun(REPO / step / "train.py", nproc, [*args, "--log-file", log], timeout, env)
+    return read_metrics(log)
+
+
+def assert_same_losses(ref, got, rtol=1e-4, what=""):
+    """Per-step loss equality: the course's definition of 'this layout is correct'."""
+    assert len(ref) == len(got), f"{what}: {len(ref)} reference steps vs {len(got)}"
+    for a, b in zip(ref, got):
+        assert a["step"] == b["step"]
+        rel = abs(a["loss"] - b["loss"]) / abs(a["loss"])
+        assert rel <= rtol, f"{what}: step {a['step']} loss {a['loss']:.7f} vs {b['loss']:.7f} (rel {rel:.2e})"
+
+
+def run_python(step, args, timeout=300):
+    """Run a step's train.py as a plain `python` process (no torchrun)."""
+    cmd = [sys.executable, str(REPO / step / "train.py"), *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def load_full_params(directory):
+    """Reassemble whole tensors from DIR/rank*.safetensors written by --dump-params.
+
+    Returns {name: full tensor} and checks that every copy of the same slice (data-parallel
+    replicas, tensor-parallel copies of unsharded weights) is identical.
+    """
+    from safetensors import safe_open
+
+    slices = {}  # name -> {(dim, index, count) or (): tensor}
+    for f in sorted(Path(directory).glob("rank*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            meta = fh.metadata() or {}
+            for name in fh.keys():
+                key = tuple(int(v) for v in meta.get(name, "").split(",") if v)
+                t = fh.get_tensor(name)
+                prev = slices.setdefault(name, {}).setdefault(key, t)
+                assert torch_equal(prev, t), f"{name} {key}: replicas differ ({f.name})"
+    full = {}
+    for name, parts in slices.items():
+        if () in parts:
+            full[name] = parts[()]
+        else:
+            (dim, _, count), = {(k[0], 0, k[2]) for k in parts}
+            import torch
+            full[name] = torch.cat([parts[(dim, i, count)] for i in range(count)], dim=dim)
+    return full
+
+
+def torch_equal(a, b):
+    import torch
+    return a.shape == b.shape and torch.equal(a, b)
