@@ -62,6 +62,7 @@ def run_step(step, nproc, args, tmp_path, timeout=300, env=None, tag=None):
     """Train `step` (e.g. "step03_tensor_parallel") on `nproc` gloo ranks; return its metrics list."""
     tag = tag or f"{step}_{nproc}_{abs(hash(tuple(map(str, args)))) % 10**8}"
     log = Path(tmp_path) / f"{tag}.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
     torchrun(REPO / step / "train.py", nproc, [*args, "--log-file", log], timeout, env)
     return read_metrics(log)
 
@@ -112,3 +113,44 @@ def load_full_params(directory):
 def torch_equal(a, b):
     import torch
     return a.shape == b.shape and torch.equal(a, b)
+
+
+_REFERENCES = {}
+
+
+def step01_reference(args, workdir):
+    """step01's metrics and final parameters for `args` (computed once per test session)."""
+    key = tuple(map(str, args))
+    if key not in _REFERENCES:
+        d = Path(workdir) / f"step01_ref_{len(_REFERENCES)}"
+        log = d / "metrics.jsonl"
+        d.mkdir(parents=True, exist_ok=True)
+        proc = run_python("step01_single_gpu", [*args, "--log-file", log, "--dump-params", d / "params"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _REFERENCES[key] = (read_metrics(log), load_full_params(d / "params"))
+    return _REFERENCES[key]
+
+
+def assert_matches_step01(step, nproc, common, layout, ref_grad_acc, workdir, params=True, atol=1e-5):
+    """Train `step` with `layout` flags on `nproc` ranks and compare with step01 run with
+    grad_acc = ref_grad_acc (the same global batch): per-step loss (rel 1e-4) and final params."""
+    d = Path(workdir) / f"{step}_{'_'.join(map(str, layout)).replace('-', '')}"
+    got = run_step(step, nproc, [*common, *layout, "--dump-params", d / "params"], d)
+    ref_args = _with_flag(common, "--grad-acc-steps", ref_grad_acc)
+    ref, ref_params = step01_reference(ref_args, workdir)
+    assert_same_losses(ref, got, what=f"{step} {' '.join(map(str, layout))}")
+    if params:
+        full = load_full_params(d / "params")
+        assert set(full) == set(ref_params), set(full) ^ set(ref_params)
+        for name, t in ref_params.items():
+            diff = (full[name] - t).abs().max().item()
+            assert diff <= atol, f"{name}: max abs diff {diff:.2e} after training"
+    return got
+
+
+def _with_flag(args, flag, value):
+    args = list(map(str, args))
+    if flag in args:
+        i = args.index(flag)
+        return args[:i] + [flag, str(value)] + args[i + 2:]
+    return args + [flag, str(value)]
