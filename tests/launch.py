@@ -131,9 +131,12 @@ def step01_reference(args, workdir):
     return _REFERENCES[key]
 
 
-def assert_matches_step01(step, nproc, common, layout, ref_grad_acc, workdir, params=True, atol=1e-5):
+def assert_matches_step01(step, nproc, common, layout, ref_grad_acc, workdir, params=True, atol=5e-5):
     """Train `step` with `layout` flags on `nproc` ranks and compare with step01 run with
-    grad_acc = ref_grad_acc (the same global batch): per-step loss (rel 1e-4) and final params."""
+    grad_acc = ref_grad_acc (the same global batch): per-step loss (rel 1e-4) and final params.
+
+    Parameters get atol 5e-5 by default (they are ~0.02 in scale): AdamW's m/sqrt(v) turns the
+    float32 reduction-order noise of near-zero gradients into small but visible weight noise."""
     d = Path(workdir) / f"{step}_{'_'.join(map(str, layout)).replace('-', '')}"
     got = run_step(step, nproc, [*common, *layout, "--dump-params", d / "params"], d)
     ref_args = _with_flag(common, "--grad-acc-steps", ref_grad_acc)

@@ -32,7 +32,8 @@ def test_tp_layers_match_unsharded(tp):
 @pytest.mark.parametrize("cfg, tp, message", [
     (dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=256), 4,
      "--tp 4 does not divide num_key_value_heads=2; use --tp 1 or 2"),
-    (dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=6, intermediate_size=128, vocab_size=256), 4,
+    (dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=6, intermediate_size=128,
+          vocab_size=256), 4,
      "--tp 4 does not divide num_attention_heads=6; use --tp 1 or 2"),
     (dict(num_attention_heads=4, num_key_value_heads=4, intermediate_size=128, vocab_size=250), 4,
      "--tp 4 does not divide vocab_size=250; use --tp 1 or 2 (or pad vocab_size to a multiple of 4)"),
