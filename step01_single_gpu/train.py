@@ -78,6 +78,18 @@ def loss_fn(logits, targets):
 
 
 # --- training loop ---
+def forward_backward(micro_batches):
+    """Forward and backward of each micro-batch; gradients add up in p.grad. -> summed loss"""
+    loss_sum = torch.zeros((), device=device)
+    for x, y in micro_batches:
+        with autocast:
+            logits = model(x)  # (mbs, T, V)
+        loss = loss_fn(logits, y)
+        (loss / args.grad_acc_steps).backward()  # gradients add up over the micro-batches
+        loss_sum += loss.detach()
+    return loss_sum
+
+
 if is_logger:
     print(f"model {args.model}: {n_params / 1e6:.2f}M parameters | {len(sequences)} sequences of "
           f"{args.seq_len} tokens | global batch {G} sequences | {device} {dtype}")
@@ -89,13 +101,7 @@ for step in range(args.max_steps):
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    loss_sum = torch.zeros((), device=device)
-    for x, y in local_micro_batches(step):
-        with autocast:
-            logits = model(x)  # (mbs, T, V)
-        loss = loss_fn(logits, y)
-        (loss / args.grad_acc_steps).backward()  # gradients add up over the micro-batches
-        loss_sum += loss.detach()
+    loss_sum = forward_backward(local_micro_batches(step))
 
     grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip)
     optimizer.step()

@@ -105,6 +105,20 @@ def loss_fn(logits, targets):
 
 
 # --- training loop ---
+def forward_backward(micro_batches):
+    """Forward and backward of each micro-batch; gradients add up in p.grad. -> summed loss"""
+    loss_sum = torch.zeros((), device=device)
+    for m, (x, y) in enumerate(micro_batches):
+        # only the last micro-batch's backward launches the all-reduces
+        model.require_backward_grad_sync = m == args.grad_acc_steps - 1
+        with autocast:
+            logits = model(x)  # (mbs, T, V)
+        loss = loss_fn(logits, y)
+        (loss / args.grad_acc_steps).backward()  # gradients add up over the micro-batches
+        loss_sum += loss.detach()
+    return loss_sum
+
+
 if is_logger:
     print(f"model {args.model}: {n_params / 1e6:.2f}M parameters | {len(sequences)} sequences of "
           f"{args.seq_len} tokens | global batch {G} sequences | {device} {dtype}")
@@ -116,15 +130,7 @@ for step in range(args.max_steps):
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    loss_sum = torch.zeros((), device=device)
-    for m, (x, y) in enumerate(local_micro_batches(step)):
-        # only the last micro-batch's backward launches the all-reduces
-        model.require_backward_grad_sync = m == args.grad_acc_steps - 1
-        with autocast:
-            logits = model(x)  # (mbs, T, V)
-        loss = loss_fn(logits, y)
-        (loss / args.grad_acc_steps).backward()  # gradients add up over the micro-batches
-        loss_sum += loss.detach()
+    loss_sum = forward_backward(local_micro_batches(step))
 
     model.finish_gradient_synchronization()  # wait for the buckets: grads are the dp average
     grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip, pgm.mp_group)
