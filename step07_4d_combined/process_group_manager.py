@@ -1,0 +1,76 @@
+"""Who talks to whom: the rank grid and one process group per parallel dimension.
+
+Every rank has coordinates in a grid of shape (dp, pp, cp, tp). tp varies fastest, so a tp group is made of neighbouring ranks: on a GPU machine they
+share a node and its fast links, which tensor parallelism needs most. A dimension's group is the set of ranks that differ only
+along that axis: the data-parallel group of rank r is every rank holding the same model
+shard, and it is where gradients are averaged.
+"""
+import os
+from datetime import timedelta
+from math import prod
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(device):
+    """Join the job torchrun started (or a job of one for `python train.py`): -> (rank, world)."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    # A collective that waits longer than this is a bug (a rank took another branch): fail.
+    timeout = timedelta(seconds=int(os.environ.get("COURSE_PG_TIMEOUT_S", 600)))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
+                            timeout=timeout)
+    return rank, world
+
+
+class ProcessGroupManager:
+    def __init__(self, dp, pp, cp, tp):
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.sizes = {"dp": dp, "pp": pp, "cp": cp, "tp": tp}  # slowest-varying axis first
+        assert prod(self.sizes.values()) == self.world_size, (self.sizes, self.world_size)
+        self.grid = torch.arange(self.world_size).view(*self.sizes.values())  # (dp, pp, cp, tp)
+        coords = dict(zip(self.sizes, (self.grid == self.rank).nonzero()[0].tolist()))
+        self.dp_rank, self.dp_size = coords["dp"], dp
+        self.tp_rank, self.tp_size = coords["tp"], tp
+        self.pp_rank, self.pp_size = coords["pp"], pp
+        self.cp_rank, self.cp_size = coords["cp"], cp
+        self.pp_is_first_stage, self.pp_is_last_stage = self.pp_rank == 0, self.pp_rank == pp - 1
+        # global ranks of the neighbouring stages (same dp and tp coordinates)
+        self.pp_prev_rank = self._rank_at(coords, pp=(self.pp_rank - 1) % pp)
+        self.pp_next_rank = self._rank_at(coords, pp=(self.pp_rank + 1) % pp)
+        self.dp_group = self._group_along("dp")
+        self.tp_group = self._group_along("tp")
+        self.pp_group = self._group_along("pp")
+        self.cp_group = self._group_along("cp")
+        # cp ranks hold the same weights but different tokens: gradients average over dp x cp
+        self.cp_dp_group = self._group_along("dp", "cp")
+        # the ranks that together hold one copy of the model: the gradient norm sums over them
+        self.mp_group = self._group_along("pp", "tp")
+
+    def _rank_at(self, coords, **changes):
+        """Global rank of the grid cell with this rank's coordinates except `changes`."""
+        return int(self.grid[tuple({**coords, **changes}[a] for a in self.sizes)])
+
+    def _group_along(self, *axes):
+        """The group of ranks that differ from this one only along `axes`.
+
+        new_group is collective: every rank creates every group, in the same order, and
+        keeps the one it belongs to.
+        """
+        names = list(self.sizes)
+        keep = [names.index(a) for a in axes]
+        rest = [i for i in range(len(names)) if i not in keep]
+        rows = self.grid.permute(*rest, *keep).reshape(-1, prod(self.sizes[a] for a in axes))
+        mine = None
+        for row in rows.tolist():
+            g = dist.new_group(row)
+            if self.rank in row:
+                mine = g
+        return mine
+
+    def __repr__(self):
+        return " ".join(f"{a}={getattr(self, a + '_rank')}/{n}" for a, n in self.sizes.items())

@@ -1,0 +1,251 @@
+"""Tensor parallelism (Megatron-style): split every big weight matrix across the tp ranks.
+
+Problem: a layer's weights (and their grads and Adam states) no longer fit on one GPU, or one
+GPU is too slow for one layer. Data parallelism does not help: every dp rank holds a full copy.
+
+Idea (Megatron-LM): pair the linears of a block. The first is column-parallel (each rank owns
+out/tp output features, so it needs the full input and produces a slice of the output); the
+second is row-parallel (each rank owns in/tp input features, consumes exactly that slice and
+produces a partial sum of the full output). Attention splits by heads (q/k/v column, o row),
+the MLP by intermediate features (gate/up column, down row). Everything between the two
+linears (RoPE, attention, SiLU * up) is local: no communication inside a block.
+
+Communication, all over the tp group, activations x of shape (B, T, D):
+  per decoder layer, forward:  2 all-reduces of B*T*D (o_proj, down_proj outputs are partial sums)
+  per decoder layer, backward: 2 all-reduces of B*T*D (the grad wrt each block's input is a
+      partial sum: q, k, v - or gate, up - saw the full input). One copy_to_tp per block, at
+      its input (a forward pre-hook on self_attn and mlp), serves all its column linears.
+  embedding: 1 all-reduce of B*T*D forward (each rank embeds only the ids in its vocab range).
+  lm_head: 1 all-reduce of B*T*D backward. Loss: 1 all-reduce of B*T (max) + 1 of 2*B*T floats.
+  A ring all-reduce of N bytes sends and receives 2*(tp-1)/tp * N bytes per rank.
+Memory: weights, grads and optimizer states of the linears/embedding are 1/tp per rank (norm
+weights stay replicated); activations inside attention/MLP are 1/tp; the (B, T, D) activations
+between blocks are replicated. The logits are never gathered: (B, T, V/tp) per rank.
+
+Reference: Shoeybi et al. 2019, "Megatron-LM: Training Multi-Billion Parameter Language
+Models Using Model Parallelism", arXiv:1909.08053.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _rank_size(group):
+    """(rank, size) inside `group`; (0, 1) when no process group exists (single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Forward: identity (x is already replicated). Backward: all-reduce over tp, because every
+    rank's column-parallel linear used x, so each rank holds only a partial sum of dL/dx."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        # clone: autograd may hand the same grad tensor to other branches; never reduce it in place
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)  # all-reduce (sum) over tp: partial input grads
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Forward: all-reduce over tp (row-parallel outputs are partial sums). Backward: identity
+    (the summed output is replicated, so each rank's grad is already the full dL/dy)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone(memory_format=torch.contiguous_format)  # do not mutate autograd's input
+        dist.all_reduce(x, group=group)  # all-reduce (sum) over tp
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def copy_to_tp(x, group):
+    return x if _rank_size(group)[1] == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x, group):
+    return x if _rank_size(group)[1] == 1 else _ReduceFromTP.apply(x, group)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T, W (out, in) split by rows: this rank owns out/tp output features.
+    Input x (..., in) replicated -> output (..., out/tp), sharded on the last dim."""
+
+    def __init__(self, in_features, out_features, group, device=None, copy_input=True):
+        super().__init__()
+        rank, size = _rank_size(group)
+        assert out_features % size == 0, f"tp={size} does not divide out_features={out_features}"
+        self.group, self.in_features, self.out_features = group, in_features, out_features
+        self.copy_input = copy_input  # False: the enclosing block already applied copy_to_tp
+        self.weight = nn.Parameter(torch.empty(out_features // size, in_features, device=device))
+        self.weight.shard = (0, rank, size)  # local = full.chunk(size, 0)[rank]
+
+    def forward(self, x):
+        if self.copy_input:
+            x = copy_to_tp(x, self.group)
+        return F.linear(x, self.weight)  # (..., out/tp)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}/tp (column)"
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T, W (out, in) split by columns: this rank owns in/tp input features.
+    Input x (..., in/tp) sharded (a column-parallel output) -> output (..., out) replicated."""
+
+    def __init__(self, in_features, out_features, group, device=None):
+        super().__init__()
+        rank, size = _rank_size(group)
+        assert in_features % size == 0, f"tp={size} does not divide in_features={in_features}"
+        self.group, self.in_features, self.out_features = group, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // size, device=device))
+        self.weight.shard = (1, rank, size)  # local = full.chunk(size, 1)[rank]
+
+    def forward(self, x):
+        partial = F.linear(x, self.weight)  # (..., out): this rank's partial sum over in/tp
+        return reduce_from_tp(partial, self.group)  # all-reduce over tp -> full y on every rank
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}/tp, out_features={self.out_features} (row)"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table (V, D) split by rows: this rank owns ids [rank*V/tp, (rank+1)*V/tp).
+    Ids outside that range give zeros; the all-reduce over tp fills in every row."""
+
+    def __init__(self, num_embeddings, embedding_dim, group, device=None):
+        super().__init__()
+        rank, size = _rank_size(group)
+        assert num_embeddings % size == 0, f"tp={size} does not divide vocab={num_embeddings}"
+        self.group, self.num_embeddings, self.embedding_dim = group, num_embeddings, embedding_dim
+        self.weight = nn.Parameter(torch.empty(num_embeddings // size, embedding_dim, device=device))
+        self.weight.shard = (0, rank, size)
+        self.vocab_start = rank * (num_embeddings // size)
+
+    def forward(self, ids):  # ids (B, T) global token ids
+        lo, hi = self.vocab_start, self.vocab_start + self.weight.shape[0]
+        outside = (ids < lo) | (ids >= hi)  # (B, T)
+        local = (ids - lo).masked_fill(outside, 0)  # any valid row; zeroed below
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (B, T, D)
+        return reduce_from_tp(out, self.group)  # all-reduce over tp: exactly one rank is non-zero
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}/tp, {self.embedding_dim} (vocab parallel)"
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """loss = logsumexp(z) - z[target] where z (..., V) lives as (..., V/tp) shards."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, group):
+        rank, size = _rank_size(group)
+        v_local = logits.shape[-1]
+        m = logits.detach().amax(dim=-1).float()  # (...) local max
+        if size > 1:  # all-reduce MAX over tp: the global max, for a stable exp
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        z = logits.float() - m.unsqueeze(-1)  # (..., V/tp) float32, a new tensor
+        lo = rank * v_local
+        mine = (targets >= lo) & (targets < lo + v_local)  # (...) target id in this shard?
+        t_local = (targets - lo).masked_fill(~mine, 0)  # (...)
+        target_z = z.gather(-1, t_local.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)  # (...)
+        exp = z.exp_()  # (..., V/tp), in place: z is ours
+        stats = torch.stack([exp.sum(-1), target_z])  # (2, ...)
+        if size > 1:  # all-reduce SUM over tp: global sum of exp, and the one non-zero target logit
+            dist.all_reduce(stats, group=group)
+        sum_exp, target_z = stats[0], stats[1]
+        softmax = exp.div_(sum_exp.unsqueeze(-1))  # (..., V/tp) this rank's slice of softmax(z)
+        ctx.save_for_backward(softmax, t_local, mine)
+        ctx.logits_dtype = logits.dtype
+        return sum_exp.log() - target_z  # (...) float32
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # d loss / d z = softmax - onehot(target); the onehot is non-zero only on the owning rank.
+        softmax, t_local, mine = ctx.saved_tensors
+        grad_loss = grad_loss.float()
+        grad = softmax * grad_loss.unsqueeze(-1)  # (..., V/tp), out of place: safe to re-run
+        grad.scatter_add_(-1, t_local.unsqueeze(-1), -(grad_loss * mine).unsqueeze(-1))
+        return grad.to(ctx.logits_dtype), None, None
+
+
+def vocab_parallel_cross_entropy(logits, targets, group):
+    """Per-token cross-entropy (...) float32 from local logits (..., V/tp) and global target ids
+    (...); full logits are never gathered. Equals F.cross_entropy(full, targets, reduction='none')."""
+    return _VocabParallelCrossEntropy.apply(logits, targets, group)
+
+
+def _choices(values):
+    g = math.gcd(*values)
+    ds = [str(d) for d in range(1, g + 1) if g % d == 0]
+    return ds[0] if len(ds) == 1 else ", ".join(ds[:-1]) + " or " + ds[-1]
+
+
+def check_tp_divisibility(config, tp):
+    """Raise ValueError (one line, with the fix) unless tp divides every sharded dimension."""
+    shapes = {"num_attention_heads": config.num_attention_heads,
+              "num_key_value_heads": getattr(config, "num_key_value_heads", None)
+              or config.num_attention_heads,
+              "intermediate_size": config.intermediate_size,
+              "vocab_size": config.vocab_size}
+    for name, value in shapes.items():
+        if tp < 1 or value % tp:
+            pad = f" (or pad vocab_size to a multiple of {tp})" if name == "vocab_size" and tp > 0 else ""
+            raise ValueError(f"--tp {tp} does not divide {name}={value}; "
+                             f"use --tp {_choices(shapes.values())}{pad}")
+
+
+def apply_tensor_parallel(model, group):
+    """Swap the Llama's linears/embedding for tp-sharded ones, in place (meta model is fine).
+    Works on a pipeline stage: missing layers, and embed_tokens / lm_head that are None or
+    nn.Identity, are skipped. After this, model(x) returns logits (B, T, V/tp): use
+    vocab_parallel_cross_entropy for the loss."""
+    _, tp = _rank_size(group)
+    check_tp_divisibility(model.config, tp)  # before touching anything
+
+    def swap(parent, name, cls, **kw):
+        old = getattr(parent, name, None)
+        if isinstance(old, nn.Linear):
+            assert old.bias is None, f"{name}: tensor-parallel linears here have no bias"
+            setattr(parent, name, cls(old.in_features, old.out_features, group, old.weight.device, **kw))
+
+    def copy_block_input(module, args):  # forward pre-hook: backward all-reduce once per block
+        return (copy_to_tp(args[0], group), *args[1:])
+
+    for layer in model.model.layers.values():
+        for name in ("q_proj", "k_proj", "v_proj"):  # split by heads
+            swap(layer.self_attn, name, ColumnParallelLinear, copy_input=False)
+        swap(layer.self_attn, "o_proj", RowParallelLinear)
+        for name in ("gate_proj", "up_proj"):  # split by intermediate features
+            swap(layer.mlp, name, ColumnParallelLinear, copy_input=False)
+        swap(layer.mlp, "down_proj", RowParallelLinear)
+        if tp > 1:
+            layer.self_attn.register_forward_pre_hook(copy_block_input)
+            layer.mlp.register_forward_pre_hook(copy_block_input)
+
+    emb = getattr(model.model, "embed_tokens", None)
+    if isinstance(emb, nn.Embedding):
+        model.model.embed_tokens = VocabParallelEmbedding(
+            emb.num_embeddings, emb.embedding_dim, group, emb.weight.device)
+    swap(model, "lm_head", ColumnParallelLinear)  # logits stay sharded over the vocab
+    new_emb = getattr(model.model, "embed_tokens", None)
+    if (model.config.tie_word_embeddings and isinstance(new_emb, VocabParallelEmbedding)
+            and isinstance(getattr(model, "lm_head", None), ColumnParallelLinear)):
+        model.lm_head.weight = new_emb.weight  # same shard (0, rank, tp) of the same (V, D) table
+
+    for p in model.parameters():  # norms: tp identical copies in the grad-norm group
+        if not hasattr(p, "shard"):
+            p.replicas = tp
+    return model

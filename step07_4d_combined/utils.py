@@ -1,0 +1,173 @@
+"""Everything the trainers share that is not the lesson: flags, model presets, the learning
+rate schedule, gradient clipping, metrics, and dumping parameters for the tests."""
+import argparse
+import json
+import math
+import os
+import resource
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# Published shapes (config.json of HuggingFaceTB/SmolLM-* and meta-llama/Llama-2-7b-hf).
+PRESETS = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, max_position_embeddings=1024,
+                 tie_word_embeddings=False),
+    "smollm-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                        max_position_embeddings=2048, tie_word_embeddings=True),
+    "smollm-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                        num_attention_heads=15, num_key_value_heads=5, vocab_size=49152,
+                        max_position_embeddings=2048, tie_word_embeddings=True),
+    "smollm-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                        num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,
+                        max_position_embeddings=2048, tie_word_embeddings=True),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                      max_position_embeddings=4096, tie_word_embeddings=False),
+}
+OVERRIDES = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
+             "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+             "intermediate_size": "intermediate_size", "vocab_size": "vocab_size",
+             "tie_word_embeddings": "tie_word_embeddings"}
+
+
+def die(msg):
+    """Stop with one line that says what to change (no traceback)."""
+    raise SystemExit(f"error: {msg}")
+
+
+def base_parser(description):
+    p = argparse.ArgumentParser(description=description)
+    a = p.add_argument
+    a("--model", default="tiny", help=f"preset ({', '.join(PRESETS)}) or a directory with an HF config.json")
+    for flag in OVERRIDES:
+        a("--" + flag.replace("_", "-"), type=int, default=None, help="override the model's " + OVERRIDES[flag])
+    a("--dataset", default=None, help="local .jsonl/.txt/.parquet file or directory, or a hub name (default: bundled)")
+    a("--tokenizer", default=None, help="local tokenizer directory or hub name (default: bundled)")
+    a("--seq-len", type=int, default=64)
+    a("--micro-batch-size", type=int, default=8)
+    a("--grad-acc-steps", type=int, default=1)
+    a("--max-steps", type=int, default=300)
+    a("--lr", type=float, default=3e-3)
+    a("--warmup-steps", type=int, default=20)
+    a("--weight-decay", type=float, default=0.1)
+    a("--grad-clip", type=float, default=1.0)
+    a("--seed", type=int, default=42)
+    a("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    a("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    a("--log-file", default=None, help="JSON lines, one object per optimizer step")
+    a("--dump-params", default=None, help="directory: each rank writes its parameters at the end (tests)")
+    return p
+
+
+def make_config(args):
+    """A transformers.LlamaConfig from --model plus the shape overrides, checked."""
+    from transformers import LlamaConfig
+
+    if args.model in PRESETS:
+        cfg = LlamaConfig(**PRESETS[args.model], rms_norm_eps=1e-5,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    elif (Path(args.model) / "config.json").is_file():
+        cfg = LlamaConfig.from_pretrained(args.model)
+    else:
+        die(f"--model {args.model} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json")
+    for flag, key in OVERRIDES.items():
+        if getattr(args, flag) is not None:
+            setattr(cfg, key, bool(getattr(args, flag)) if key == "tie_word_embeddings" else getattr(args, flag))
+    if any(getattr(args, f) is not None for f in ("hidden_size", "num_heads")):
+        cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size and args.model in PRESETS:
+        die(f"hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_attention_heads}")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        die(f"num_heads={cfg.num_attention_heads} is not a multiple of num_kv_heads={cfg.num_key_value_heads}")
+    if cfg.head_dim % 2:
+        die(f"head_dim={cfg.head_dim} must be even for rotary embeddings; change --hidden-size or --num-heads")
+    if cfg.rope_parameters.get("rope_type", "default") != "default":
+        die(f"rope_type {cfg.rope_parameters['rope_type']!r} is not supported; only plain RoPE is")
+    if args.seq_len > cfg.max_position_embeddings:
+        die(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings="
+            f"{cfg.max_position_embeddings}; lower --seq-len")
+    return cfg
+
+
+def resolve_device_dtype(args):
+    if args.device == "cuda" and not torch.cuda.is_available():
+        die("--device cuda but no GPU is visible; use --device cpu")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    return device, dtype
+
+
+def lr_at(step, args):
+    """Linear warmup to --lr, then cosine decay to lr/10 at --max-steps."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def clip_grad_norm_(params, max_norm, group=None):
+    """Scale gradients so their global L2 norm is at most max_norm; return the norm before.
+
+    A parameter present on k ranks of `group` (p.replicas = k) counts once; sharded ones
+    add up their slices. Summing the squares over `group` makes the norm that of the whole
+    model. No .item(): the norm stays on the device, so there is no host sync here.
+    """
+    params = [p for p in params if p.grad is not None]
+    sq = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    for p in params:
+        sq += p.grad.float().pow(2).sum() / getattr(p, "replicas", 1)
+    if group is not None:
+        dist.all_reduce(sq, group=group)  # all-reduce (sum) over the model-parallel group
+    norm = sq.sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(coef)
+    return norm
+
+
+def memory_gib(device):
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
+
+
+class Metrics:
+    """One JSON object per optimizer step in --log-file, and a human line on stdout."""
+
+    def __init__(self, path, enabled=True):
+        self.enabled = enabled
+        self.file = open(path, "w") if (path and enabled) else None
+
+    def log(self, **m):
+        if not self.enabled:
+            return
+        line = (f"step {m['step']:4d} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad_norm {m['grad_norm']:.3f}"
+                f" | {m['step_time_s'] * 1000:.0f} ms | {m['tokens_per_s']:,.0f} tok/s | mem {m['mem_gib']:.2f} GiB")
+        known = {"step", "loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "mem_gib", "tokens"}
+        for k, v in m.items():
+            if k not in known:
+                line += f" | {k} {v:.2f}" if isinstance(v, float) else f" | {k} {v}"
+        print(line, flush=True)
+        if self.file:
+            self.file.write(json.dumps(m) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def dump_params(model, directory, rank=0):
+    """Write this rank's parameters (and how each is sliced) to DIR/rank{N}.safetensors."""
+    from safetensors.torch import save_file
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    tensors, meta = {}, {}
+    for name, p in model.named_parameters():
+        tensors[name] = p.detach().float().cpu().contiguous()
+        meta[name] = ",".join(map(str, getattr(p, "shard", ())))
+    save_file(tensors, os.path.join(directory, f"rank{rank}.safetensors"), metadata=meta)

@@ -1,0 +1,335 @@
+"""step07: the 4D trainer equals step01; checkpoints resume exactly (also after a crash); Hugging
+Face weights go in and come out unchanged; MFU arithmetic; config files; bad input is one line.
+
+The equality layouts use 8 processes and mix the four dimensions (8 = 2 x 2 x 2: each leaves one
+out, together they cover all four). Crash and bad-input cases use a 2-stage pipeline on 2
+processes: what they check (which files exist, what `latest` says) does not depend on the layout,
+and the 8-process resume test checks the exact continuation under dp x pp x tp.
+COURSE_CRASH_AT_STEP=k / COURSE_CRASH_IN_SAVE=n make every rank exit abruptly (os._exit) inside
+optimizer step k, or after writing its file of checkpoint n but before `latest` moves.
+"""
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import (REPO, TINY, assert_same_losses, child_env, load_full_params, read_metrics, run_step,
+                    step01_reference, torchrun, _with_flag)
+
+STEP = "step07_4d_combined"
+DIR = REPO / STEP
+COMMON = [*TINY, "--max-steps", "10", "--grad-acc-steps", "4"]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"{STEP}_{name}", DIR / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def compare_with_step01(got, common, dp, workdir, params_dir=None, what=""):
+    ref, ref_params = step01_reference(_with_flag(common, "--grad-acc-steps", 4 * dp), workdir)
+    assert_same_losses(ref, got, what=what)
+    if params_dir:
+        full = load_full_params(params_dir)
+        if "lm_head.weight" in full and "lm_head.weight" not in ref_params:  # tied, pp > 1: the last
+            tied = full.pop("lm_head.weight")  # stage's copy of the embedding must still equal it
+            assert torch.equal(tied, full["model.embed_tokens.weight"]), f"{what}: tied copies differ"
+        assert set(full) == set(ref_params)
+        for name, t in ref_params.items():
+            assert (full[name] - t).abs().max().item() <= 5e-5, f"{what}: {name}"
+
+
+def expect_one_line(proc, text):
+    """The run failed, and every rank said why in one `error:` line, without a Python traceback."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    lines = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert lines and all(text in line for line in lines), out[-3000:]
+    assert 'File "' + str(DIR) not in out, out[-3000:]  # no traceback through our files
+
+
+# ------------------------------------------------------------------ 4D layouts equal step01
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("s7")
+
+
+@pytest.fixture(scope="module")
+def dp_pp_tp(work):
+    """dp2 x pp2 x tp2, tied embeddings, 1F1B; checkpoints at steps 5 and 10; MFU against 1 GFLOP/s."""
+    d = work / "dp_pp_tp"
+    args = [*COMMON, "--tie-word-embeddings", "1", "--dp", "2", "--pp", "2", "--tp", "2",
+            "--save-dir", d / "ckpt", "--save-every", "5", "--peak-tflops", "0.001", "--dump-params", d / "params"]
+    return d, args, run_step(STEP, 8, args, d)
+
+
+@pytest.fixture(scope="module")
+def pp_cp_tp(work):
+    """pp2 x cp2 x tp2, untied, all-forward-all-backward."""
+    d = work / "pp_cp_tp"
+    args = [*COMMON, "--pp", "2", "--cp", "2", "--tp", "2", "--pp-engine", "afab", "--dump-params", d / "params"]
+    return d, args, run_step(STEP, 8, args, d)
+
+
+def test_dp_pp_tp_equals_step01(dp_pp_tp, work):
+    d, _, got = dp_pp_tp
+    compare_with_step01(got, [*COMMON, "--tie-word-embeddings", "1"], 2, work, d / "params", "dp2 pp2 tp2")
+
+
+def test_pp_cp_tp_equals_step01(pp_cp_tp, work):
+    d, _, got = pp_cp_tp
+    compare_with_step01(got, COMMON, 1, work, d / "params", "pp2 cp2 tp2")
+
+
+def test_dp_pp_cp_from_a_config_file_equals_step01(work):
+    """config_maker.py writes the layout; a command-line flag overrides the file (--max-steps)."""
+    cfg = work / "dp_pp_cp.json"
+    subprocess.run([sys.executable, DIR / "config_maker.py", "--dp", "2", "--pp", "2", "--cp", "2",
+                    "--model", "tiny", "--num-kv-heads", "4", "--max-steps", "50", "--out", cfg], check=True)
+    raw = json.loads(cfg.read_text())
+    assert raw["distributed"] == {"dp": 2, "pp": 2, "cp": 2} and raw["training"]["max_steps"] == 50
+    got = run_step(STEP, 8, ["--config", cfg, *COMMON, "--tie-word-embeddings", "1"], work / "dp_pp_cp")
+    assert len(got) == 10
+    compare_with_step01(got, [*COMMON, "--tie-word-embeddings", "1", "--num-kv-heads", "4"], 2, work,
+                        what="dp2 pp2 cp2 (config file)")
+
+
+def test_mfu_and_tokens_per_gpu_in_the_log(dp_pp_tp):
+    flops = 884_736  # tiny at T=32, see test_mfu_arithmetic
+    for m in dp_pp_tp[2]:
+        assert m["tokens_per_s_per_gpu"] == pytest.approx(m["tokens_per_s"] / 8, rel=1e-3)
+        assert m["mfu"] == pytest.approx(100 * flops * m["tokens_per_s_per_gpu"] / 1e9, abs=0.01)
+
+
+# ------------------------------------------------------------------ checkpoints
+def test_resume_equals_an_uninterrupted_run(dp_pp_tp):
+    d, args, straight = dp_pp_tp
+    assert (d / "ckpt" / "latest").read_text() == "step_000010"
+    run = [*_without(args, "--save-dir", "--save-every", "--dump-params"), "--resume", d / "ckpt" / "step_000005"]
+    resumed = run_step(STEP, 8, [*run, "--dump-params", d / "params_resumed"], d, tag="resumed")
+    assert [m["step"] for m in resumed] == list(range(5, 10))
+    assert_same_losses(straight[5:], resumed, rtol=1e-6, what="resumed at 5")
+    a, b = load_full_params(d / "params"), load_full_params(d / "params_resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit: Adam moments and step were restored
+
+
+@pytest.fixture(scope="module")
+def pp2_ckpt(work):
+    """A small 2-stage pipeline run that saves at steps 2, 4, 6, 8: crashes and bad input start here."""
+    d = work / "pp2"
+    args = [*TINY, "--max-steps", "8", "--grad-acc-steps", "2", "--pp", "2", "--save-dir", d / "ckpt",
+            "--save-every", "2"]
+    return d, args, run_step(STEP, 2, args, d)
+
+
+def test_killed_mid_step_resumes_from_last_complete_checkpoint(pp2_ckpt, tmp_path):
+    _, args, straight = pp2_ckpt
+    run, log = _with_flag(args, "--save-dir", tmp_path / "ckpt"), tmp_path / "crashed.jsonl"
+    proc = torchrun(DIR / "train.py", 2, [*run, "--log-file", log], env={"COURSE_CRASH_AT_STEP": "5"}, check=False)
+    assert proc.returncode != 0
+    assert [m["step"] for m in read_metrics(log)] == list(range(5))  # died inside step 5
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_000004"
+    resumed = run_step(STEP, 2, [*run, "--resume", "latest"], tmp_path, tag="after_crash")
+    assert [m["step"] for m in resumed] == list(range(4, 8))
+    assert_same_losses(straight[4:], resumed, rtol=1e-6, what="resumed after a crash mid-step")
+
+
+def test_crash_while_saving_keeps_latest_on_the_previous_checkpoint(pp2_ckpt, tmp_path):
+    _, args, straight = pp2_ckpt
+    run = _with_flag(args, "--save-dir", tmp_path / "ckpt")
+    proc = torchrun(DIR / "train.py", 2, run, env={"COURSE_CRASH_IN_SAVE": "4"}, check=False)
+    assert proc.returncode != 0
+    assert (tmp_path / "ckpt" / "step_000004" / "rank00001.safetensors").exists()  # files written...
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_000002"  # ...but never declared complete
+    resumed = run_step(STEP, 2, [*run, "--resume", "latest"], tmp_path)
+    assert [m["step"] for m in resumed] == list(range(2, 8))
+    assert_same_losses(straight[2:], resumed, rtol=1e-6, what="resumed after a crash in save")
+
+
+@pytest.mark.parametrize("damage, expect", [
+    ("missing", "checkpoint step_000006: rank00001.safetensors is missing"),
+    ("truncated", "checkpoint step_000006: rank00000.safetensors is truncated or changed"),
+    ("layout", "checkpoint step_000006 was written with dp=1 tp=1 pp=2 cp=1; resume with that layout"),
+])
+def test_bad_checkpoint_is_one_clear_line(pp2_ckpt, tmp_path, damage, expect):
+    d, args, _ = pp2_ckpt
+    ckpt = tmp_path / "step_000006"
+    shutil.copytree(d / "ckpt" / "step_000006", ckpt)
+    layout = ["--pp", "2"]
+    if damage == "missing":
+        (ckpt / "rank00001.safetensors").unlink()
+    elif damage == "truncated":
+        f = ckpt / "rank00000.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    else:
+        layout = ["--dp", "2"]
+    run = [*_without(args, "--save-dir", "--save-every", "--pp"), *layout, "--resume", ckpt]
+    expect_one_line(torchrun(DIR / "train.py", 2, run, timeout=120, check=False), expect)
+
+
+# ------------------------------------------------------------------ Hugging Face
+def hf_config(tie):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       tie_word_embeddings=tie, rms_norm_eps=1e-5,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+def save_hf(path, tie=True, seed=0):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(hf_config(tie)).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(Path(path) / "model.safetensors")
+
+
+def test_hf_round_trip_tp_pp(tmp_path):
+    """transformers -> --init-from-hf (tp2 x pp2, tied) -> --export-hf: the same tensors, bit for bit,
+    and the first batch's loss is transformers' loss on it. --lr 0 makes the one step an exact
+    identity (AdamW with lr 0 multiplies by 1 and adds 0), so the step logs the loss of the
+    loaded weights and the export must equal the import."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    hf = save_hf(tmp_path / "in")
+    args = ["--init-from-hf", tmp_path / "in", "--pp", "2", "--tp", "2", "--seq-len", "32", "--micro-batch-size", "2",
+            "--grad-acc-steps", "2", "--max-steps", "1", "--lr", "0", "--dtype", "float32", "--device", "cpu",
+            "--export-hf", tmp_path / "out"]
+    got = run_step(STEP, 4, args, tmp_path)
+    a, b = tensors(tmp_path / "in"), tensors(tmp_path / "out")
+    assert set(a) == set(b) and "lm_head.weight" not in b  # tied: written once
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    back, info = LlamaForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()), info
+    data = load("data")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")  # the export carries the run's tokenizer
+    batch = data.global_batch(data.load_sequences(data.DEFAULT_DATASET, tok, 32), 0, 4, 42)  # (G, T + 1)
+    with torch.no_grad():
+        logits = hf(batch[:, :-1]).logits  # (G, T, V)
+        assert torch.equal(back(batch[:, :-1]).logits, logits)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item()
+    assert abs(got[0]["loss"] - ref) <= 1e-5 * ref, (got[0]["loss"], ref)
+
+
+def test_hf_export_with_zero_steps_untied(tmp_path):
+    save_hf(tmp_path / "in", tie=False, seed=1)
+    args = ["--init-from-hf", tmp_path / "in", "--seq-len", "32", "--max-steps", "0", "--device", "cpu",
+            "--export-hf", tmp_path / "out"]
+    torchrun(DIR / "train.py", 1, args)
+    a, b = tensors(tmp_path / "in"), tensors(tmp_path / "out")
+    assert set(a) == set(b) and "lm_head.weight" in b and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hf_dir_whose_shapes_do_not_match_is_one_clear_line(tmp_path):
+    save_hf(tmp_path / "in")
+    cfg = json.loads((tmp_path / "in" / "config.json").read_text())
+    cfg["intermediate_size"] = 96  # config.json now disagrees with the safetensors
+    (tmp_path / "in" / "config.json").write_text(json.dumps(cfg))
+    proc = torchrun(DIR / "train.py", 2, ["--init-from-hf", tmp_path / "in", "--tp", "2", "--seq-len", "32",
+                                          "--max-steps", "1", "--device", "cpu"], timeout=120, check=False)
+    expect_one_line(proc, "model.layers.0.mlp.gate_proj.weight: checkpoint shape [64, 32] != model shape [96, 32]")
+
+
+# ------------------------------------------------------------------ pure functions and scripts
+def test_mfu_arithmetic():
+    from transformers import LlamaConfig
+
+    mfu = load("mfu")
+    utils = load("utils")
+    cfg = LlamaConfig(**utils.PRESETS["smollm-135m"])
+    # by hand: per layer q 576*576 + k,v 2*576*192 + o 576*576 + mlp 3*576*1536 = 3,538,944;
+    # x 30 layers + head 49152*576 = 134,479,872 (the tied embedding counted once, as the head)
+    assert mfu.matmul_params(cfg) == 134_479_872
+    assert mfu.flops_per_token(cfg, 2048) == 6 * 134_479_872 + 12 * 30 * 576 * 2048 == 1_231_552_512
+    untied = LlamaConfig(**{**utils.PRESETS["smollm-135m"], "tie_word_embeddings": False})
+    assert mfu.flops_per_token(untied, 2048) == 1_231_552_512  # same math, so the same FLOPs
+    tiny = LlamaConfig(**utils.PRESETS["tiny"])
+    # 2 layers x (3 x 64*64 + 64*32 + ... ) : q 4096 + k,v 2*2048 + o 4096 + mlp 3*8192 = 36,864 per layer
+    assert mfu.flops_per_token(tiny, 32) == 6 * (2 * 36_864 + 1024 * 64) + 12 * 2 * 64 * 32 == 884_736
+    m = mfu.MFU(tiny, 32, n_devices=2, device="cpu", override_tflops=884_736 * 500 / 0.4 / 1e12)
+    assert m(1000.0) == {"tokens_per_s_per_gpu": 500.0, "mfu": 40.0}
+    assert mfu.MFU(tiny, 32, 2, "cpu")(1000.0) == {"tokens_per_s_per_gpu": 500.0}  # CPU: no peak, no MFU
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989.5), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.5),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L4", 121.0), ("NVIDIA L40S", 362.05),
+                       ("NVIDIA A10G", None), ("Tesla T4", None)]:
+        assert mfu.peak_tflops(name) == peak, name
+
+
+def test_unknown_config_key_is_one_clear_line(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"training": {"seq_len": 32, "learning_rate": 1e-3}}))
+    proc = subprocess.run([sys.executable, DIR / "train.py", "--config", cfg], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+    expect_one_line(proc, "unknown key(s) learning_rate")
+
+
+def test_benchmark_runs_on_cpu(tmp_path):
+    cmd = [sys.executable, DIR / "benchmark.py", "--device", "cpu", "--model", "tiny", "--seq-len", "32",
+           "--micro-batch-size", "2", "--steps", "2", "--warmup", "1", "--peak-tflops", "0.001"]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for who in ("course", "transformers"):
+        assert out[who]["tokens_per_s"] > 0 and out[who]["mfu"] > 0 and out[who]["loss"] > 5, out
+    assert out["flops_per_token"] == 884_736
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
+@pytest.mark.parametrize("script", ["benchmark.py", "gpu_smoke.py"])
+def test_gpu_scripts_fail_clearly_without_a_gpu(script):
+    proc = subprocess.run([sys.executable, DIR / script], cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "GPU" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_slurm_script_launches_train_py(tmp_path):
+    """slurm.sbatch with stand-ins for srun/scontrol/nvidia-smi: one node, 2 CPU processes, c10d rendezvous."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {"scontrol": 'echo 127.0.0.1', "nvidia-smi": 'printf "GPU 0\\nGPU 1\\n"',
+             "srun": 'while [[ "$1" == --* ]]; do shift; done; exec "$@"'}
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    from launch import free_port
+
+    env = child_env({"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1",
+                     "SLURM_JOB_ID": "1", "SLURM_JOB_NAME": "t", "MASTER_PORT": str(free_port()),
+                     "SAVE_DIR": str(tmp_path / "ckpt")})
+    log = tmp_path / "m.jsonl"
+    proc = subprocess.run(["bash", DIR / "slurm.sbatch", *TINY, "--max-steps", "2", "--dp", "2", "--log-file", log],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(log)] == [0, 1]
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_000002"
+
+
+def _without(args, *flags):
+    """args minus each flag in `flags` and its value."""
+    args, out = list(args), []
+    i = 0
+    while i < len(args):
+        if str(args[i]) in flags:
+            i += 2
+        else:
+            out.append(args[i])
+            i += 1
+    return out
