@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this step's own modules
+from comm_trace import CommTracer
 from data_parallel import DataParallel
 from data import DEFAULT_DATASET, DEFAULT_TOKENIZER, global_batch, load_sequences, load_tokenizer
 from model import Llama, init_weights, load_hf_weights, materialize
@@ -24,6 +25,7 @@ from utils import (Metrics, base_parser, clip_grad_norm_, die, dump_params, lr_a
 parser = base_parser("Step 02: data-parallel training")
 parser.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world size)")
 parser.add_argument("--bucket-size-mb", type=float, default=25.0, help="gradient all-reduce bucket size")
+parser.add_argument("--trace-dir", default=None, help="record every collective and send/recv to DIR/rank{N}.jsonl")
 args = parser.parse_args()
 
 # --- distributed setup ---
@@ -54,6 +56,7 @@ n_params = sum(p.numel() for p in model.parameters())
 # Gradients are all-reduced over dp in buckets as soon as backward produces them.
 model = DataParallel(model, pgm.dp_group, args.bucket_size_mb)
 
+tracer = CommTracer(args.trace_dir, pgm).watch(model)  # off (and free) without --trace-dir
 # --- data ---
 G = args.micro_batch_size * args.grad_acc_steps * args.dp  # sequences per optimizer step
 try:
@@ -113,6 +116,7 @@ if is_logger:
 metrics = Metrics(args.log_file, enabled=is_logger)
 tokens_seen = 0
 for step in range(args.max_steps):
+    tracer.step(step)
     t0 = time.perf_counter()
     lr = lr_at(step, args)
     for group in optimizer.param_groups:
@@ -120,10 +124,11 @@ for step in range(args.max_steps):
 
     loss_sum = forward_backward(local_micro_batches(step))
 
-    model.finish_gradient_synchronization()  # wait for the buckets: grads are the dp average
-    grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    with tracer.phase("optimizer"):
+        model.finish_gradient_synchronization()  # wait for the buckets: grads are the dp average
+        grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     # --- logging ---
     dist.all_reduce(loss_sum, group=pgm.dp_group)  # all-reduce over dp: the mean of the whole global batch
@@ -134,6 +139,7 @@ for step in range(args.max_steps):
                 tokens_per_s=G * args.seq_len / dt, step_time_s=dt, mem_gib=memory_gib(device))
 
 metrics.close()
+tracer.close()
 if args.dump_params:
     dump_params(model.module, args.dump_params, rank)
 dist.destroy_process_group()

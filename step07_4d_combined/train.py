@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this step's own modules
+from comm_trace import CommTracer
 from checkpoint import Checkpointer, add_checkpoint_args, crash_here
 from config_maker import apply_config_file
 from context_parallel import check_cp, ring_attention, zigzag_positions, zigzag_slice
@@ -37,6 +38,7 @@ parser.add_argument("--pp-engine", choices=["afab", "1f1b"], default="1f1b", hel
 parser.add_argument("--cp", type=int, default=1, help="context-parallel size (sequence split)")
 parser.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world size)")
 parser.add_argument("--bucket-size-mb", type=float, default=25.0, help="gradient all-reduce bucket size")
+parser.add_argument("--trace-dir", default=None, help="record every collective and send/recv to DIR/rank{N}.jsonl")
 add_checkpoint_args(parser)
 add_hf_args(parser)
 add_mfu_args(parser)
@@ -93,6 +95,7 @@ n_params = sum(p.numel() for p in model.parameters())
 model = DataParallel(model, pgm.cp_dp_group, args.bucket_size_mb)  # each cp rank saw only its tokens
 dist.barrier()  # NCCL: a subgroup's first point-to-point must not be the first collective
 
+tracer = CommTracer(args.trace_dir, pgm).watch(model)  # off (and free) without --trace-dir
 # --- data ---
 G = args.micro_batch_size * args.grad_acc_steps * args.dp  # sequences per optimizer step
 try:
@@ -167,6 +170,7 @@ mfu = MFU(config, args.seq_len, world_size, device, args.peak_tflops)  # model F
 if is_logger:
     print(mfu.describe())
 for step in range(start_step, args.max_steps):
+    tracer.step(step)
     t0 = time.perf_counter()
     lr = lr_at(step, args)
     for group in optimizer.param_groups:
@@ -183,12 +187,13 @@ for step in range(start_step, args.max_steps):
     else:
         loss_sum = forward_backward(local_micro_batches(step))
 
-    model.finish_gradient_synchronization()  # wait for the buckets: grads are the dp average
-    sync_tied_embeddings(model, pgm)  # all-reduce over {first, last stage}: the tied weight's two uses
-    grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip, pgm.mp_group)
-    crash_here("AT_STEP", step)  # tests: a job killed mid-step (grads computed, weights not yet updated)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    with tracer.phase("optimizer"):
+        model.finish_gradient_synchronization()  # wait for the buckets: grads are the dp average
+        sync_tied_embeddings(model, pgm)  # all-reduce over {first, last stage}: the tied weight's two uses
+        grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip, pgm.mp_group)
+        crash_here("AT_STEP", step)  # tests: a job killed mid-step (grads computed, weights not yet updated)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     # --- logging ---
     dist.all_reduce(loss_sum, group=pgm.cp_dp_group)  # all-reduce over dp x cp: the mean of the whole global batch
@@ -201,6 +206,7 @@ for step in range(start_step, args.max_steps):
     checkpointer.maybe_save(step, model, optimizer, tokens_seen)
 
 metrics.close()
+tracer.close()
 if args.dump_params:
     dump_params(model.module, args.dump_params, rank)
 if args.export_hf:  # collective: every rank writes its slices, rank 0 assembles

@@ -1,0 +1,246 @@
+"""The communication tracer (comm_trace.py, in every step from step02 on) against analytic counts.
+
+What is counted, per rank and per optimizer step (records of DIR/rank{N}.jsonl, see comm_trace.py):
+  step02, dp=2: the gradient all-reduces over dp (the buckets: issued during backward or in
+    finish_gradient_synchronization) add up to 4 x n_params bytes, n_params from the model's
+    shapes; plus one 4-byte all-reduce of the logged loss, outside any phase.
+  step03, tp=2, per micro-batch of B x T tokens, x = B*T*D float32:
+    forward: 1 all-reduce of x in embed_tokens + 2 per decoder layer (o_proj, down_proj outputs);
+    backward: 1 in lm_head (its input grad) + 2 per decoder layer (the grads of each block's input);
+    loss: the vocab-parallel cross-entropy's 2 all-reduces (max: B*T, then 2*B*T floats),
+    issued between the model's forward and backward (no phase); per step: 1 scalar over mp
+    (grad norm, optimizer phase) and 1 over dp (logged loss).
+  step05, pp=2: B*T*D float32 sent forward per micro-batch and back per micro-batch, and each
+    stage's forward/backward order = the schedule's event list.
+Tracing must not change a single number: step03's losses with and without --trace-dir are equal.
+A step folder can be replaced by $COURSE_STEP0N_DIR (e.g. a scratch copy) as in the other tests.
+"""
+import importlib.util
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import REPO, TINY, run_step, torchrun
+
+
+def step_dir(name):
+    return Path(os.environ.get(f"COURSE_{name[:6].upper()}_DIR", REPO / name))
+
+
+STEP02, STEP03, STEP05 = (step_dir(s) for s in ("step02_data_parallel", "step03_tensor_parallel",
+                                                "step05_pipeline_1f1b"))
+
+
+def load_module(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def need(step):
+    if not step.is_dir():
+        pytest.skip(f"{step.name} does not exist yet")
+
+
+def read(trace_dir):
+    """{rank: [records]} of a trace directory."""
+    out = {}
+    for f in sorted(Path(trace_dir).glob("rank*.jsonl")):
+        out[int(f.stem[4:])] = [json.loads(line) for line in f.read_text().splitlines() if line]
+    return out
+
+
+def comms(recs, step):
+    return [r for r in recs if r["ev"] == "comm" and r["step"] == step]
+
+
+def tiny_n_params(step):
+    """Parameter count of the tiny preset from its shapes (not from the model code)."""
+    c = load_module(step / "utils.py", f"utils_{step.name}").PRESETS["tiny"]
+    D, I, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    hd = D // c["num_attention_heads"]
+    attn = D * hd * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"])  # q, o + k, v
+    per_layer = attn + 3 * D * I + 2 * D  # + gate, up, down + two RMSNorm gains
+    return V * D * (1 if c["tie_word_embeddings"] else 2) + L * per_layer + D, c
+
+
+# ---------------------------------------------------------------- without processes
+def test_off_patches_nothing():
+    need(STEP02)
+    import torch.distributed as dist
+
+    mod = load_module(STEP02 / "comm_trace.py", "comm_trace_off")
+    before = {n: getattr(dist, n) for n in ("all_reduce", "isend", "batch_isend_irecv")}
+    tracer = mod.CommTracer(None, pgm=None)
+    assert tracer.watch(torch.nn.Linear(2, 2)) is tracer
+    with tracer.phase("optimizer"):
+        tracer.step(0)
+    tracer.close()
+    assert {n: getattr(dist, n) for n in before} == before
+
+
+# ---------------------------------------------------------------- every op, on 4 ranks
+WORKER = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch, torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+from comm_trace import CommTracer
+
+dist.init_process_group("gloo")
+r = dist.get_rank()
+
+
+class Grid:  # dp x pp = 2 x 2
+    pass
+
+
+pgm, groups = Grid(), {}
+for name, rows in (("dp", [[0, 2], [1, 3]]), ("pp", [[0, 1], [2, 3]])):
+    for ranks in rows:
+        g = dist.new_group(ranks)
+        if r in ranks:
+            setattr(pgm, name + "_group", g)
+pgm.dp_rank, pgm.pp_rank = r // 2, r % 2
+original = dist.all_reduce
+tracer = CommTracer(sys.argv[2], pgm)
+tracer.step(0)
+peer = r ^ 1  # the other stage of my pipeline
+dist.all_reduce(torch.ones(10), group=pgm.dp_group)
+dist.all_reduce(torch.ones(3, 2, dtype=torch.float64), group=pgm.pp_group, async_op=True).wait()
+dist.all_gather_into_tensor(torch.empty(4 * 5), torch.ones(5))
+dist.reduce_scatter_tensor(torch.empty(5), torch.ones(4 * 5))
+dist.broadcast(torch.ones(7), src=0)
+dist.all_to_all_single(torch.empty(8), torch.ones(8))
+with tracer.phase("p2p"):
+    ops = [dist.P2POp(dist.isend, torch.ones(6), peer), dist.P2POp(dist.irecv, torch.empty(6), peer)]
+    for w in dist.batch_isend_irecv(ops):
+        w.wait()
+    ops = [dist.P2POp(dist.isend, torch.ones(9), group=pgm.pp_group, group_peer=1 - pgm.pp_rank),
+           dist.P2POp(dist.irecv, torch.empty(9), group=pgm.pp_group, group_peer=1 - pgm.pp_rank)]
+    for w in dist.batch_isend_irecv(ops):
+        w.wait()
+    if r % 2 == 0:
+        dist.send(torch.ones(3), peer)
+        dist.irecv(torch.empty(4), peer).wait()
+    else:
+        dist.recv(torch.empty(3), peer)
+        dist.isend(torch.ones(4), peer).wait()
+tracer.close()
+assert dist.all_reduce is original and c10d.isend is dist.isend and "_wrap" not in dist.isend.__qualname__
+dist.barrier()  # not traced any more
+dist.destroy_process_group()
+print("OPS_OK")
+'''
+
+
+def test_every_op_is_recorded(tmp_path):
+    need(STEP02)
+    script = tmp_path / "ops.py"
+    script.write_text(WORKER)
+    proc = torchrun(script, 4, [STEP02, tmp_path / "trace"], timeout=120)
+    assert proc.stdout.count("OPS_OK") == 4
+    for rank, recs in read(tmp_path / "trace").items():
+        meta = recs[0]
+        assert meta["ev"] == "meta" and meta["rank"] == rank and meta["world"] == 4
+        assert meta["groups"] == {"dp": [rank % 2, rank % 2 + 2], "pp": [rank - rank % 2, rank - rank % 2 + 1]}
+        got = [(r["op"], r["dim"], r["bytes"], r["peer"]) for r in sorted(comms(recs, 0), key=lambda r: r["seq"])]
+        peer = rank ^ 1
+        p2p = ([("send", "pp", 12, peer), ("irecv", "pp", 16, peer)] if rank % 2 == 0 else
+               [("recv", "pp", 12, peer), ("isend", "pp", 16, peer)])
+        assert got == [("all_reduce", "dp", 40, None), ("all_reduce", "pp", 48, None),
+                       ("all_gather_into_tensor", "world", 80, None), ("reduce_scatter_tensor", "world", 80, None),
+                       ("broadcast", "world", 28, None), ("all_to_all_single", "world", 32, None),
+                       ("isend", "pp", 24, peer), ("irecv", "pp", 24, peer),
+                       ("isend", "pp", 36, peer), ("irecv", "pp", 36, peer), *p2p], (rank, got)
+        for r in comms(recs, 0):
+            assert r["t0"] <= r["t1"], r
+            assert r["phase"] == ("p2p" if r["op"] in ("isend", "irecv", "send", "recv") else None)
+            if r["async"]:  # the end of an async op is when wait() returned
+                assert r["t0"] <= r["t_wait"] <= r["t1"], r
+        ar = comms(recs, 0)[1]
+        assert ar["async"] and ar["dtype"] == "float64" and ar["shape"] == [3, 2] and ar["sent"] == 48
+
+
+# ---------------------------------------------------------------- step02: dp buckets
+def test_step02_dp_bytes_are_4x_params(tmp_path):
+    need(STEP02)
+    n_params, _ = tiny_n_params(STEP02)
+    steps, grad_acc = 2, 2
+    run_step(str(STEP02), 2, [*TINY, "--max-steps", steps, "--grad-acc-steps", grad_acc, "--dp", 2,
+                              "--bucket-size-mb", "0.1", "--trace-dir", tmp_path / "trace"], tmp_path)
+    trace = read(tmp_path / "trace")
+    assert sorted(trace) == [0, 1]
+    for step in range(steps):
+        seqs = []
+        for rank, recs in trace.items():
+            rs = comms(recs, step)
+            buckets = [r for r in rs if r["phase"] is not None]
+            assert {(r["op"], r["dim"], r["ranks"] == [0, 1]) for r in rs} == {("all_reduce", "dp", True)}
+            assert sum(r["bytes"] for r in buckets) == 4 * n_params, (rank, step, [r["bytes"] for r in buckets])
+            assert len(buckets) > 2  # 0.1 MB buckets: several
+            assert all(r["async"] and r["sent"] == r["bytes"] for r in buckets)  # 2(n-1)/n = 1 for n = 2
+            # no communication in the accumulation micro-batch; the buckets overlap the last backward
+            assert {(r["phase"], r["mb"]) for r in buckets} <= {("backward", grad_acc - 1), ("optimizer", 0)}
+            assert any(r["phase"] == "backward" for r in buckets)
+            logged = [r for r in rs if r["phase"] is None]
+            assert [r["bytes"] for r in logged] == [4]  # the logged loss
+            seqs.append([(r["op"], r["bytes"]) for r in sorted(rs, key=lambda r: r["seq"])])
+        assert seqs[0] == seqs[1], "the ranks issued different collective sequences"
+
+
+# ---------------------------------------------------------------- step03: tp all-reduces
+def test_step03_tp_allreduces_per_layer(tmp_path):
+    need(STEP03)
+    _, c = tiny_n_params(STEP03)
+    L, D = c["num_hidden_layers"], c["hidden_size"]
+    B, T, grad_acc, steps = 2, 32, 2, 2
+    args = [*TINY, "--max-steps", steps, "--grad-acc-steps", grad_acc, "--tp", 2]
+    traced = run_step(str(STEP03), 2, [*args, "--trace-dir", tmp_path / "trace"], tmp_path, tag="traced")
+    plain = run_step(str(STEP03), 2, args, tmp_path, tag="plain")
+    assert [m["loss"] for m in traced] == [m["loss"] for m in plain]  # hooks and wrappers change no number
+    x = B * T * D * 4
+    for rank, recs in read(tmp_path / "trace").items():
+        for step in range(steps):
+            where = Counter()
+            for r in comms(recs, step):
+                assert r["op"] == "all_reduce", r
+                module = r["module"] or ""
+                layer = module.split(".")[1] if module.startswith("layers.") else module
+                where[(r["dim"], r["phase"], layer, r["mb"], r["bytes"])] += 1
+            want = Counter()
+            for m in range(grad_acc):
+                want[("tp", "forward", "embed_tokens", m, x)] = 1
+                want[("tp", "backward", "lm_head", m, x)] = 1
+                for i in range(L):
+                    want[("tp", "forward", str(i), m, x)] = 2
+                    want[("tp", "backward", str(i), m, x)] = 2
+            want[("tp", None, "", None, B * T * 4)] = grad_acc  # loss: the max over the vocab shards
+            want[("tp", None, "", None, 2 * B * T * 4)] = grad_acc  # loss: sum of exp, target logit
+            want[("mp", "optimizer", "", 0, 4)] = 1  # squared grad norm
+            want[("dp", None, "", None, 4)] = 1  # logged loss (dp = 1: a group of one)
+            assert where == want, (rank, step, where - want, want - where)
+
+
+# ---------------------------------------------------------------- step05: pipeline p2p
+@pytest.mark.parametrize("engine", ["afab", "1f1b"])
+def test_step05_pipeline_sends_and_order(engine, tmp_path):
+    need(STEP05)
+    _, c = tiny_n_params(STEP05)
+    pp_mod = load_module(STEP05 / "pipeline_parallel.py", "pp_for_trace")
+    B, T, D, m, pp = 2, 32, c["hidden_size"], 4, 2
+    run_step(str(STEP05), pp, [*TINY, "--max-steps", 1, "--grad-acc-steps", m, "--pp", pp,
+                               "--pp-engine", engine, "--trace-dir", tmp_path / "trace"], tmp_path)
+    for stage, recs in read(tmp_path / "trace").items():
+        p2p = [r for r in comms(recs, 0) if r["op"] in ("isend", "irecv")]
+        assert {r["dim"] for r in p2p} == {"pp"} and {r["peer"] for r in p2p} == {1 - stage}
+        assert Counter((r["op"], r["bytes"]) for r in p2p) == {("isend", B * T * D * 4): m, ("irecv", B * T * D * 4): m}
+        spans = sorted((r for r in recs if r["ev"] == "span" and r["module"] == "model"), key=lambda r: r["t0"])
+        order = [("F" if r["phase"] == "forward" else "B", r["mb"]) for r in spans]
+        assert order == pp_mod.SCHEDULES[engine](pp, stage, m), (stage, order)
