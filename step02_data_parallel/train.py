@@ -55,8 +55,8 @@ n_params = sum(p.numel() for p in model.parameters())
 # --- data parallel ---
 # Gradients are all-reduced over dp in buckets as soon as backward produces them.
 model = DataParallel(model, pgm.dp_group, args.bucket_size_mb)
-
 tracer = CommTracer(args.trace_dir, pgm).watch(model)  # off (and free) without --trace-dir
+
 # --- data ---
 G = args.micro_batch_size * args.grad_acc_steps * args.dp  # sequences per optimizer step
 try:

@@ -84,8 +84,8 @@ n_params = sum(p.numel() for p in model.parameters())
 # Gradients are all-reduced over dp in buckets as soon as backward produces them.
 model = DataParallel(model, pgm.cp_dp_group, args.bucket_size_mb)  # each cp rank saw only its tokens
 dist.barrier()  # NCCL: a subgroup's first point-to-point must not be the first collective
-
 tracer = CommTracer(args.trace_dir, pgm).watch(model)  # off (and free) without --trace-dir
+
 # --- data ---
 G = args.micro_batch_size * args.grad_acc_steps * args.dp  # sequences per optimizer step
 try:

@@ -14,6 +14,7 @@ What is counted, per rank and per optimizer step (records of DIR/rank{N}.jsonl, 
     stage's forward/backward order = the schedule's event list.
 Tracing must not change a single number: step03's losses with and without --trace-dir are equal.
 A step folder can be replaced by $COURSE_STEP0N_DIR (e.g. a scratch copy) as in the other tests.
+(run_step is given a tag: its default tag is built from the step, an absolute path here.)
 """
 import importlib.util
 import json
@@ -174,7 +175,7 @@ def test_step02_dp_bytes_are_4x_params(tmp_path):
     n_params, _ = tiny_n_params(STEP02)
     steps, grad_acc = 2, 2
     run_step(str(STEP02), 2, [*TINY, "--max-steps", steps, "--grad-acc-steps", grad_acc, "--dp", 2,
-                              "--bucket-size-mb", "0.1", "--trace-dir", tmp_path / "trace"], tmp_path)
+                              "--bucket-size-mb", "0.1", "--trace-dir", tmp_path / "trace"], tmp_path, tag="traced")
     trace = read(tmp_path / "trace")
     assert sorted(trace) == [0, 1]
     for step in range(steps):
@@ -236,7 +237,7 @@ def test_step05_pipeline_sends_and_order(engine, tmp_path):
     pp_mod = load_module(STEP05 / "pipeline_parallel.py", "pp_for_trace")
     B, T, D, m, pp = 2, 32, c["hidden_size"], 4, 2
     run_step(str(STEP05), pp, [*TINY, "--max-steps", 1, "--grad-acc-steps", m, "--pp", pp,
-                               "--pp-engine", engine, "--trace-dir", tmp_path / "trace"], tmp_path)
+                               "--pp-engine", engine, "--trace-dir", tmp_path / "trace"], tmp_path, tag="traced")
     for stage, recs in read(tmp_path / "trace").items():
         p2p = [r for r in comms(recs, 0) if r["op"] in ("isend", "irecv")]
         assert {r["dim"] for r in p2p} == {"pp"} and {r["peer"] for r in p2p} == {1 - stage}
