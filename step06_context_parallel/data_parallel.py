@@ -47,12 +47,18 @@ class Bucket:
             self.slices.append((lo, lo + p.numel()))
             lo += p.numel()
         self.buffer = torch.zeros(lo, dtype=torch.float32, device=params[0].device)
+        # The async all-reduce work of the last launch. It is kept after wait(), until the
+        # next launch replaces it: a work launched inside backward carries a Python object
+        # (autograd's context), so whoever drops the last reference needs the GIL. If that
+        # is gloo's worker thread while the interpreter exits, the process aborts
+        # ("terminate called without an active exception"); holding it here makes Python
+        # the last owner.
+        self.handle = None
         self.reset()
 
     def reset(self):
         self.ready = [False] * len(self.params)  # grad of params[i] is final for this step
         self.pending = len(self.params)
-        self.handle = None  # async all-reduce work, once launched
 
 
 class DataParallel(nn.Module):

@@ -8,7 +8,6 @@ notebooks re-run the steps under torchrun (slow; use it after changing a step).
 """
 import os
 import shutil
-import time
 
 import pytest
 
@@ -62,10 +61,9 @@ def test_notebook_runs_and_draws(name, tmp_path, monkeypatch):
             cell.source = cell.source.replace("RERECORD = False", "RERECORD = True")
     client = nbclient.NotebookClient(nb, timeout=600 if RERECORD else 120, kernel_name="python3",
                                      resources={"metadata": {"path": str(work)}})
-    t = time.time()
+    # Speed is not asserted here (timing belongs in scripts that print figures); the client's
+    # per-cell timeout still stops a notebook that hangs.
     client.execute()  # raises CellExecutionError with the cell's traceback on any error
-    seconds = time.time() - t
     pngs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
             if "image/png" in o.get("data", {})]
     assert pngs, f"{name} drew no figure"
-    assert RERECORD or seconds < 60, f"{name} took {seconds:.0f} s"
