@@ -48,6 +48,7 @@ def test_one_allreduce_per_bucket_only_on_last_microbatch(results):
                 assert s["calls_in_step"] == st["allreduces"] == cfg["n_buckets"]
                 assert st["order"] == list(range(cfg["n_buckets"]))
                 assert st["bytes"] == 4 * cfg["n_params"]  # fp32, tied weight sent once
+                assert s["handles_kept"], f"{name}: a finished all-reduce work was dropped"
 
 
 def test_allreduce_overlaps_backward(results):

@@ -9,6 +9,7 @@ writes OUT_DIR/rank{r}.json with what the test asserts on:
   stats                  DataParallel.last_stats of each step
   launched_before_first_layer  all-reduces already launched when the FIRST block's weight
                                got its final grad (> 0: communication overlaps backward)
+  handles_kept           every bucket still references its finished all-reduce work
 """
 import copy
 import json
@@ -116,6 +117,9 @@ def run(grad_acc, mode, bucket_mb, rank, world, steps=2):
             if m < grad_acc - 1:
                 calls_before_last += CALLS[0]
         stats = dp.finish_gradient_synchronization()
+        # Python must keep the finished works (see Bucket.handle): if gloo's worker thread
+        # dropped the last reference of one launched in backward at exit, the process aborts.
+        handles_kept = all(b.handle is not None and b.handle.is_completed() for b in dp.buckets)
 
         ce(ref(inp), tgt).backward()
         grad_err = max((a.grad - b.grad).abs().max().item()
@@ -126,6 +130,7 @@ def run(grad_acc, mode, bucket_mb, rank, world, steps=2):
                         for a, b in zip(model.parameters(), ref.parameters()))
         out["steps"].append(dict(grad_err=grad_err, param_err=param_err, stats=stats,
                                  calls_before_last=calls_before_last, calls_in_step=CALLS[0],
+                                 handles_kept=handles_kept,
                                  launched_before_first_layer=probe.pop("launched", None)))
     out["n_params"] = sum(p.numel() for p in model.parameters())
     out["tied"] = model.head.weight is model.embed.weight
