@@ -61,6 +61,19 @@ def _atomic_write_text(path, text):
     os.replace(tmp, path)  # atomic: readers see the old or the new file, never half of one
 
 
+def atomic_save_file(tensors, path, metadata):
+    """safetensors save_file under a temporary name, synced, then renamed to `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())  # on disk before it gets its final name
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files 0600; give the usual mode
+    os.replace(tmp, path)  # atomic: readers see the old or the new file, never half of one
+
+
 class Checkpointer:
     def __init__(self, args, pgm, config, global_batch, n_sequences):
         self.args, self.pgm, self.config = args, pgm, config
@@ -94,11 +107,7 @@ class Checkpointer:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             tensors["rng/cuda"] = torch.cuda.get_rng_state()
         name = f"rank{self.rank:05d}.safetensors"
-        tmp = folder / f".{name}.tmp"
-        save_file(tensors, tmp, metadata={"step": str(done), "shards": json.dumps(shards)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # on disk before it gets its final name
-        os.replace(tmp, folder / name)
+        atomic_save_file(tensors, folder / name, {"step": str(done), "shards": json.dumps(shards)})
         crash_here("IN_SAVE", done)  # tests: every rank wrote its file, nobody wrote `latest`
         sizes = [None] * self.world
         dist.all_gather_object(sizes, (name, (folder / name).stat().st_size))  # all-gather over the world

@@ -18,7 +18,6 @@ Cost: rank 0 holds the whole model in CPU memory once (4 bytes x parameters); th
 through the shared filesystem, which multi-node runs need anyway for checkpoints.
 """
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from checkpoint import atomic_save_file
 from model import load_hf_weights
 from utils import die
 
@@ -109,9 +109,8 @@ def export_hf(model, pgm, config, out_dir, tokenizer=None):
                 for name in fh.keys():
                     parts.setdefault(name, []).append((tuple(json.loads(shards[name])), fh.get_tensor(name)))
         full = assemble(parts)
-        tmp = out / ".model.safetensors.tmp"
-        save_file(full, tmp, metadata={"format": "pt"})  # transformers checks the "format" entry
-        os.replace(tmp, out / "model.safetensors")
+        # transformers checks the "format" entry
+        atomic_save_file(full, out / "model.safetensors", {"format": "pt"})
         cfg = config.__class__.from_dict(config.to_dict())  # a copy: the run's config stays as it is
         cfg.architectures = ["LlamaForCausalLM"]
         cfg.dtype = "float32"

@@ -110,9 +110,18 @@ def test_mfu_and_tokens_per_gpu_in_the_log(dp_pp_tp):
 
 
 # ------------------------------------------------------------------ checkpoints
+def assert_usual_mode(path):
+    """safetensors creates 0600 files; what the trainer writes gets 0666 minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask, oct(path.stat().st_mode)
+
+
 def test_resume_equals_an_uninterrupted_run(dp_pp_tp):
     d, args, straight = dp_pp_tp
     assert (d / "ckpt" / "latest").read_text() == "step_000010"
+    for f in (d / "ckpt" / "step_000010").glob("rank*.safetensors"):
+        assert_usual_mode(f)
     run = [*_without(args, "--save-dir", "--save-every", "--dump-params"), "--resume", d / "ckpt" / "step_000005"]
     resumed = run_step(STEP, 8, [*run, "--dump-params", d / "params_resumed"], d, tag="resumed")
     assert [m["step"] for m in resumed] == list(range(5, 10))
@@ -234,6 +243,7 @@ def test_hf_export_with_zero_steps_untied(tmp_path):
     torchrun(DIR / "train.py", 1, args)
     a, b = tensors(tmp_path / "in"), tensors(tmp_path / "out")
     assert set(a) == set(b) and "lm_head.weight" in b and all(torch.equal(a[k], b[k]) for k in a)
+    assert_usual_mode(tmp_path / "out" / "model.safetensors")
 
 
 def test_hf_dir_whose_shapes_do_not_match_is_one_clear_line(tmp_path):
