@@ -11,6 +11,11 @@ from math import prod
 
 import torch
 import torch.distributed as dist
+# torch.distributed.nn binds `group.WORLD` as a default argument when first imported, and
+# libraries import it lazily (transformers does, through FSDP). Import it now, while no group
+# exists: imported after init_process_group, that default would keep the world group (and its
+# gloo threads) alive until interpreter shutdown.
+import torch.distributed.nn  # noqa: F401
 
 
 def init_distributed(device):

@@ -4,6 +4,7 @@ and tensor parallelism: world = dp x pp x tp.
 
 Same seed, same global batch and same per-step loss as step01. README.md has the commands.
 """
+import gc
 import os
 import sys
 import time
@@ -24,151 +25,158 @@ from tensor_parallel import apply_tensor_parallel, check_tp_divisibility, vocab_
 from utils import (Metrics, base_parser, clip_grad_norm_, die, dump_params, lr_at, make_config,
                    memory_gib, resolve_device_dtype)
 
-# --- command line ---
-parser = base_parser("Step 04: pipeline-parallel (+ tensor- and data-parallel) training")
-parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (stages)")
-parser.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world size)")
-parser.add_argument("--bucket-size-mb", type=float, default=25.0, help="gradient all-reduce bucket size")
-parser.add_argument("--trace-dir", default=None, help="record every collective and send/recv to DIR/rank{N}.jsonl")
-args = parser.parse_args()
 
-# --- distributed setup ---
-# Check the layout against the number of processes before any collective can hang.
-world_size = int(os.environ.get("WORLD_SIZE", "1"))
-args.dp = args.dp or max(1, world_size // (args.pp * args.tp))
-if args.dp * args.pp * args.tp != world_size:
-    die(f"--dp {args.dp} x --pp {args.pp} x --tp {args.tp} needs {args.dp * args.pp * args.tp} processes "
-        f"but torchrun started {world_size}; change --nproc_per_node or the layout")
-device, dtype = resolve_device_dtype(args)
-rank, world_size = init_distributed(device)
-if device == "cuda":
-    device = f"cuda:{torch.cuda.current_device()}"
-pgm = ProcessGroupManager(dp=args.dp, pp=args.pp, tp=args.tp)
-is_logger = rank == world_size - 1  # the last rank logs (it holds the loss once pipelines arrive)
-torch.manual_seed(args.seed)
+def main():
+    # --- command line ---
+    parser = base_parser("Step 04: pipeline-parallel (+ tensor- and data-parallel) training")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (stages)")
+    parser.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world size)")
+    parser.add_argument("--bucket-size-mb", type=float, default=25.0, help="gradient all-reduce bucket size")
+    parser.add_argument("--trace-dir", default=None, help="record every collective and send/recv to DIR/rank{N}.jsonl")
+    args = parser.parse_args()
 
-# --- model ---
-config = make_config(args)
-try:
-    check_tp_divisibility(config, args.tp)
-    check_pp(config.num_hidden_layers, args.pp)
-except ValueError as e:
-    die(str(e))
-with torch.device("meta"):  # shapes only: no memory, no time spent on a throw-away init
-    model = Llama(config)
-# --- tensor parallel ---
-# Swap q/k/v/gate/up (column) and o/down (row), embedding and head (vocab) for tp shards.
-if pgm.tp_size > 1:
-    apply_tensor_parallel(model, pgm.tp_group)
-# --- pipeline parallel ---
-# Keep this stage's layers; the first stage embeds, the last one has the norm, head and loss.
-apply_pipeline_parallel(model, pgm)
-materialize(model, device)
-init_weights(model, args.seed)
-if os.path.isdir(args.model) and any(f.endswith(".safetensors") for f in os.listdir(args.model)):
-    load_hf_weights(model, args.model)  # --model DIR with weights: start from them
-n_params = sum(p.numel() for p in model.parameters())
-# --- data parallel ---
-# Gradients are all-reduced over dp in buckets as soon as backward produces them.
-model = DataParallel(model, pgm.dp_group, args.bucket_size_mb)
-dist.barrier()  # NCCL: a subgroup's first point-to-point must not be the first collective
-tracer = CommTracer(args.trace_dir, pgm).watch(model)  # off (and free) without --trace-dir
+    # --- distributed setup ---
+    # Check the layout against the number of processes before any collective can hang.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args.dp = args.dp or max(1, world_size // (args.pp * args.tp))
+    if args.dp * args.pp * args.tp != world_size:
+        die(f"--dp {args.dp} x --pp {args.pp} x --tp {args.tp} needs {args.dp * args.pp * args.tp} processes "
+            f"but torchrun started {world_size}; change --nproc_per_node or the layout")
+    device, dtype = resolve_device_dtype(args)
+    rank, world_size = init_distributed(device)
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    pgm = ProcessGroupManager(dp=args.dp, pp=args.pp, tp=args.tp)
+    is_logger = rank == world_size - 1  # the last rank logs (it holds the loss once pipelines arrive)
+    torch.manual_seed(args.seed)
 
-# --- data ---
-G = args.micro_batch_size * args.grad_acc_steps * args.dp  # sequences per optimizer step
-try:
-    tokenizer = load_tokenizer(args.tokenizer or DEFAULT_TOKENIZER)
-    sequences = load_sequences(args.dataset or DEFAULT_DATASET, tokenizer, args.seq_len,
-                               max_tokens=args.max_steps * G * (args.seq_len + 1))
-except (OSError, ValueError) as e:
-    die(str(e).splitlines()[0])
-if len(tokenizer) > config.vocab_size:
-    die(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}; "
-        f"pass --vocab-size {len(tokenizer)} or a matching --tokenizer")
+    # --- model ---
+    config = make_config(args)
+    try:
+        check_tp_divisibility(config, args.tp)
+        check_pp(config.num_hidden_layers, args.pp)
+    except ValueError as e:
+        die(str(e))
+    with torch.device("meta"):  # shapes only: no memory, no time spent on a throw-away init
+        model = Llama(config)
+    # --- tensor parallel ---
+    # Swap q/k/v/gate/up (column) and o/down (row), embedding and head (vocab) for tp shards.
+    if pgm.tp_size > 1:
+        apply_tensor_parallel(model, pgm.tp_group)
+    # --- pipeline parallel ---
+    # Keep this stage's layers; the first stage embeds, the last one has the norm, head and loss.
+    apply_pipeline_parallel(model, pgm)
+    materialize(model, device)
+    init_weights(model, args.seed)
+    if os.path.isdir(args.model) and any(f.endswith(".safetensors") for f in os.listdir(args.model)):
+        load_hf_weights(model, args.model)  # --model DIR with weights: start from them
+    n_params = sum(p.numel() for p in model.parameters())
+    # --- data parallel ---
+    # Gradients are all-reduced over dp in buckets as soon as backward produces them.
+    model = DataParallel(model, pgm.dp_group, args.bucket_size_mb)
+    dist.barrier()  # NCCL: a subgroup's first point-to-point must not be the first collective
+    tracer = CommTracer(args.trace_dir, pgm).watch(model)  # off (and free) without --trace-dir
+
+    # --- data ---
+    G = args.micro_batch_size * args.grad_acc_steps * args.dp  # sequences per optimizer step
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or DEFAULT_TOKENIZER)
+        sequences = load_sequences(args.dataset or DEFAULT_DATASET, tokenizer, args.seq_len,
+                                   max_tokens=args.max_steps * G * (args.seq_len + 1))
+    except (OSError, ValueError) as e:
+        die(str(e).splitlines()[0])
+    if len(tokenizer) > config.vocab_size:
+        die(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}; "
+            f"pass --vocab-size {len(tokenizer)} or a matching --tokenizer")
+
+    def local_micro_batches(step):
+        """The micro-batches this process runs for optimizer step `step`: (x, y) pairs of (mbs, T)."""
+        batch = global_batch(sequences, step, G, args.seed)  # (G, T + 1)
+        batch = batch.chunk(args.dp)[pgm.dp_rank]  # this rank's share: (G/dp, T + 1)
+        for m in range(args.grad_acc_steps):
+            rows = batch[m * args.micro_batch_size:(m + 1) * args.micro_batch_size].to(device)  # (mbs, T + 1)
+            yield rows[:, :-1], rows[:, 1:]  # inputs and next-token targets, each (mbs, T)
+
+    # --- optimizer ---
+    # Weight decay on matrices only (not on norm gains), as in GPT-2/Llama training.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=(device == "cuda"))
+    autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16) if dtype == "bfloat16"
+                else nullcontext())  # bf16 compute, float32 weights and gradients
+
+    def loss_fn(logits, targets):
+        """Mean token cross-entropy of one micro-batch: logits (mbs, T, V), targets (mbs, T)."""
+        if pgm.tp_size > 1:  # logits are (mbs, T, V/tp): the softmax is computed without gathering them
+            return vocab_parallel_cross_entropy(logits, targets, pgm.tp_group).mean()
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    # --- training loop ---
+    def forward_backward(micro_batches):
+        """Forward and backward of each micro-batch; gradients add up in p.grad. -> summed loss"""
+        loss_sum = torch.zeros((), device=device)
+        for m, (x, y) in enumerate(micro_batches):
+            # only the last micro-batch's backward launches the all-reduces
+            model.require_backward_grad_sync = m == args.grad_acc_steps - 1
+            with autocast:
+                logits = model(x)  # (mbs, T, V)
+            loss = loss_fn(logits, y)
+            (loss / args.grad_acc_steps).backward()  # gradients add up over the micro-batches
+            loss_sum += loss.detach()
+        return loss_sum
+
+    if is_logger:
+        print(f"model {args.model}: {n_params / 1e6:.2f}M parameters | {len(sequences)} sequences of "
+              f"{args.seq_len} tokens | global batch {G} sequences | {device} {dtype}")
+    metrics = Metrics(args.log_file, enabled=is_logger)
+    tokens_seen = 0
+    for step in range(args.max_steps):
+        tracer.step(step)
+        t0 = time.perf_counter()
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        extra = {}
+        if pgm.pp_size > 1:  # the schedule runs every stage's forwards and backwards, passing activations
+            loss_sum, peak = train_step(model, list(local_micro_batches(step)), pgm, loss_fn,
+                                        args.grad_acc_steps, autocast)
+            peaks = torch.zeros(pgm.pp_size, dtype=torch.long, device=device)
+            dist.all_gather_into_tensor(peaks, torch.tensor([peak], device=device), group=pgm.pp_group)
+            extra["pp_peak_inflight"] = peaks.tolist()  # micro-batches alive at once, per stage
+        else:
+            loss_sum = forward_backward(local_micro_batches(step))
+
+        with tracer.phase("optimizer"):
+            model.finish_gradient_synchronization()  # wait for the buckets: grads are the dp average
+            sync_tied_embeddings(model, pgm)  # all-reduce over {first, last stage}: the tied weight's two uses
+            grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip, pgm.mp_group)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        # --- logging ---
+        dist.all_reduce(loss_sum, group=pgm.dp_group)  # all-reduce over dp: the mean of the whole global batch
+        loss_avg = (loss_sum / (args.grad_acc_steps * args.dp)).item()  # .item() waits for the device: a sync point
+        dt = time.perf_counter() - t0
+        tokens_seen += G * args.seq_len
+        metrics.log(step=step, loss=loss_avg, lr=lr, grad_norm=grad_norm.item(), tokens=tokens_seen,
+                    tokens_per_s=G * args.seq_len / dt, step_time_s=dt, mem_gib=memory_gib(device), **extra)
+
+    metrics.close()
+    tracer.close()
+    if args.dump_params:
+        dump_params(model.module, args.dump_params, rank)
+    dist.destroy_process_group()
 
 
-def local_micro_batches(step):
-    """The micro-batches this process runs for optimizer step `step`: (x, y) pairs of (mbs, T)."""
-    batch = global_batch(sequences, step, G, args.seed)  # (G, T + 1)
-    batch = batch.chunk(args.dp)[pgm.dp_rank]  # this rank's share: (G/dp, T + 1)
-    for m in range(args.grad_acc_steps):
-        rows = batch[m * args.micro_batch_size:(m + 1) * args.micro_batch_size].to(device)  # (mbs, T + 1)
-        yield rows[:, :-1], rows[:, 1:]  # inputs and next-token targets, each (mbs, T)
-
-
-# --- optimizer ---
-# Weight decay on matrices only (not on norm gains), as in GPT-2/Llama training.
-decay = [p for p in model.parameters() if p.dim() >= 2]
-no_decay = [p for p in model.parameters() if p.dim() < 2]
-optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}],
-                              lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=(device == "cuda"))
-autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16) if dtype == "bfloat16"
-            else nullcontext())  # bf16 compute, float32 weights and gradients
-
-
-def loss_fn(logits, targets):
-    """Mean token cross-entropy of one micro-batch: logits (mbs, T, V), targets (mbs, T)."""
-    if pgm.tp_size > 1:  # logits are (mbs, T, V/tp): the softmax is computed without gathering them
-        return vocab_parallel_cross_entropy(logits, targets, pgm.tp_group).mean()
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
-# --- training loop ---
-def forward_backward(micro_batches):
-    """Forward and backward of each micro-batch; gradients add up in p.grad. -> summed loss"""
-    loss_sum = torch.zeros((), device=device)
-    for m, (x, y) in enumerate(micro_batches):
-        # only the last micro-batch's backward launches the all-reduces
-        model.require_backward_grad_sync = m == args.grad_acc_steps - 1
-        with autocast:
-            logits = model(x)  # (mbs, T, V)
-        loss = loss_fn(logits, y)
-        (loss / args.grad_acc_steps).backward()  # gradients add up over the micro-batches
-        loss_sum += loss.detach()
-    return loss_sum
-
-
-if is_logger:
-    print(f"model {args.model}: {n_params / 1e6:.2f}M parameters | {len(sequences)} sequences of "
-          f"{args.seq_len} tokens | global batch {G} sequences | {device} {dtype}")
-metrics = Metrics(args.log_file, enabled=is_logger)
-tokens_seen = 0
-for step in range(args.max_steps):
-    tracer.step(step)
-    t0 = time.perf_counter()
-    lr = lr_at(step, args)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-    extra = {}
-    if pgm.pp_size > 1:  # the schedule runs every stage's forwards and backwards, passing activations
-        loss_sum, peak = train_step(model, list(local_micro_batches(step)), pgm, loss_fn,
-                                    args.grad_acc_steps, autocast)
-        peaks = torch.zeros(pgm.pp_size, dtype=torch.long, device=device)
-        dist.all_gather_into_tensor(peaks, torch.tensor([peak], device=device), group=pgm.pp_group)
-        extra["pp_peak_inflight"] = peaks.tolist()  # micro-batches alive at once, per stage
-    else:
-        loss_sum = forward_backward(local_micro_batches(step))
-
-    with tracer.phase("optimizer"):
-        model.finish_gradient_synchronization()  # wait for the buckets: grads are the dp average
-        sync_tied_embeddings(model, pgm)  # all-reduce over {first, last stage}: the tied weight's two uses
-        grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip, pgm.mp_group)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    # --- logging ---
-    dist.all_reduce(loss_sum, group=pgm.dp_group)  # all-reduce over dp: the mean of the whole global batch
-    loss_avg = (loss_sum / (args.grad_acc_steps * args.dp)).item()  # .item() waits for the device: a sync point
-    dt = time.perf_counter() - t0
-    tokens_seen += G * args.seq_len
-    metrics.log(step=step, loss=loss_avg, lr=lr, grad_norm=grad_norm.item(), tokens=tokens_seen,
-                tokens_per_s=G * args.seq_len / dt, step_time_s=dt, mem_gib=memory_gib(device), **extra)
-
-metrics.close()
-tracer.close()
-if args.dump_params:
-    dump_params(model.module, args.dump_params, rank)
-dist.destroy_process_group()
+if __name__ == "__main__":
+    main()
+    # main()'s objects (the model, the process-group manager, the tracer) hold the process
+    # groups. Collect them now, cycles included, so that gloo joins its worker threads while
+    # Python is fully alive: a gloo thread still freeing a collective launched in backward
+    # during interpreter shutdown aborts the process ("terminate called without an active
+    # exception", pytorch/pytorch#190489).
+    gc.collect()

@@ -28,6 +28,7 @@ is what a pipeline schedule that interleaves forwards and backwards needs.
 Reference: Li et al. 2020, "PyTorch Distributed: Experiences on Accelerating Data Parallel
 Training" (VLDB), Sections 3.2.3 (gradient bucketing) and 3.2.4 (overlap with backward).
 """
+import weakref
 from contextlib import contextmanager
 from functools import partial
 
@@ -91,9 +92,13 @@ class DataParallel(nn.Module):
         self.stats = self._new_stats()  # live counters of the current step
         self.last_stats = self._new_stats()  # counters of the last finished step
         if self.world > 1:  # group of 1: nothing to average, no hooks, no communication
+            # The hooks hold this module weakly. A parameter keeps its hooks on the C++ side,
+            # where Python's cycle collector cannot see them: a hook holding `self` would keep
+            # this module, the model and the process group alive until interpreter shutdown.
+            me = weakref.ref(self)
             for b in self.buckets:
                 for i, p in enumerate(b.params):
-                    p.register_post_accumulate_grad_hook(partial(self._on_grad_ready, b, i))
+                    p.register_post_accumulate_grad_hook(partial(_grad_ready, me, b.index, i))
 
     @staticmethod
     def _new_stats():
@@ -177,3 +182,10 @@ class DataParallel(nn.Module):
         self._next, self._n_ready = 0, 0
         self.last_stats, self.stats = self.stats, self._new_stats()
         return self.last_stats
+
+
+def _grad_ready(module_ref, bucket_index, i, p):
+    """The post-accumulate-grad hook: hand the parameter to its DataParallel, if still alive."""
+    dp = module_ref()
+    if dp is not None:
+        dp._on_grad_ready(dp.buckets[bucket_index], i, p)

@@ -321,6 +321,7 @@ class CommTracer:
             setattr(mod, name, fn)
         self._flush()
         self.file.close()
+        atexit.unregister(self.close)  # it holds the process groups: let them go with main()
 
 
 def load_trace(trace_dir):

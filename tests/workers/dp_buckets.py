@@ -15,10 +15,12 @@ import copy
 import json
 import os
 import sys
+import weakref
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (before any group: see process_group_manager.py)
 import torch.nn.functional as F
 from torch import nn
 
@@ -90,9 +92,11 @@ def run(grad_acc, mode, bucket_mb, rank, world, steps=2):
     probe = {}
     first_w = model.blocks[0].fc1.weight  # registered early -> its grad is final late
 
+    dp_ref = weakref.ref(dp)  # a strong reference in a parameter hook would keep dp (and its group) alive
+
     def first_layer_hook(p):
-        if dp.require_backward_grad_sync:
-            probe["launched"] = dp.stats["allreduces"]
+        if dp_ref().require_backward_grad_sync:
+            probe["launched"] = dp_ref().stats["allreduces"]
     first_w.register_post_accumulate_grad_hook(first_layer_hook)
 
     out = {"n_buckets": len(dp.buckets), "steps": []}

@@ -10,6 +10,7 @@ reference itself). Writes OUT_DIR/rank{r}.json: one record per case.
 import json
 import os
 import sys
+import weakref
 from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ sys.path[:0] = [MODEL_DIR, PP_DIR, DP_DIR]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import torch.distributed.nn  # noqa: E402,F401  (before any group: see process_group_manager.py)
 import torch.nn.functional as F  # noqa: E402
 
 import pipeline_parallel as pp  # noqa: E402
@@ -77,8 +79,9 @@ def run_config(pgm, layers, tied, wrap, seed):
     model, ref = build(cfg, pgm), build(cfg)
     stage = DataParallel(model, pgm.dp_group) if wrap else model
     flags = []  # require_backward_grad_sync as each backward saw it (DataParallel reads it then)
+    stage_ref = weakref.ref(stage)  # a strong reference in a parameter hook would keep the stage alive
     next(model.parameters()).register_post_accumulate_grad_hook(
-        lambda p: flags.append(getattr(stage, "require_backward_grad_sync", None)))
+        lambda p: flags.append(getattr(stage_ref(), "require_backward_grad_sync", None)))
     ref_params = dict(ref.named_parameters())
     own = pp.stage_layers(layers, pgm.pp_size, pgm.pp_rank)
     expect = {n for n in ref_params if not n.startswith("model.layers.") or int(n.split(".")[2]) in own}

@@ -14,6 +14,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (before any group: see process_group_manager.py)
 import torch.nn.functional as F
 
 sys.path.insert(0, sys.argv[1])
@@ -79,8 +80,8 @@ def main():
         f.write("\n".join(lines) + "\n")
     dist.barrier()
     dist.destroy_process_group()
-    sys.exit(0 if ok else 1)
+    return ok
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main() else 1)

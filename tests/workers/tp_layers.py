@@ -12,6 +12,7 @@ sys.path.insert(0, sys.argv[1])
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import torch.distributed.nn  # noqa: E402,F401  (before any group: see process_group_manager.py)
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
