@@ -79,7 +79,7 @@ plt.show()
 
 # %% [markdown]
 # Bytes each rank sends, for a tensor of N bytes on n ranks with ring algorithms (what
-# `comm_trace.py` writes as `sent`): all-reduce 2(n-1)/n·N; reduce-scatter and all-gather
+# `trace.py` writes as `sent`): all-reduce 2(n-1)/n·N; reduce-scatter and all-gather
 # (n-1)/n·N (N = the full tensor); all-to-all (n-1)/n·N; send N.
 
 # %% [markdown]

@@ -23,7 +23,7 @@
 # We read a trace of `step02_data_parallel` on 2 CPU ranks (gloo): tiny model with 4 layers,
 # buckets of 0.05 MB so that there are several. Every rank wrote each collective it issued
 # (issue time, completion time, the time `wait()` returned) and the forward/backward of each
-# decoder layer (`comm_trace.py`, switched on by `--trace-dir`).
+# decoder layer (`notebooks/trace.py`, which records an unmodified run from the outside).
 
 # %%
 RERECORD = False  # True: rerun step02 under torchrun (~20 s on 2 cores) and overwrite traces/02_data_parallel.jsonl

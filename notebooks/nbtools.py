@@ -1,8 +1,8 @@
-"""What the notebooks share: run a step under torchrun with --trace-dir, keep a small copy of
-the trace in notebooks/traces/, load it back, and draw per-rank timelines.
+"""What the notebooks share: record a step's run under torchrun with trace.py, keep a small copy
+of the trace in notebooks/traces/, load it back, and draw per-rank timelines.
 
-A trace is the JSON lines comm_trace.py writes (one file per rank); `record` merges the ranks
-into one file, drops empty fields and shifts the times so that the run starts at t = 0 s.
+A trace is the JSON lines trace.py writes (one file per rank); `record` merges the ranks into
+one file, drops empty fields and shifts the times so that the run starts at t = 0 s.
 """
 import json
 import os
@@ -44,12 +44,12 @@ def torchrun(script, nproc, args=(), timeout=300):
 
 
 def record(name, step, nproc, args, keep=None):
-    """Train `step` on `nproc` ranks with --trace-dir; save the merged trace as traces/NAME.jsonl.
+    """Train `step` on `nproc` ranks under trace.py; save the merged trace as traces/NAME.jsonl.
 
     keep(record) -> bool filters what is saved (the shipped traces stay small)."""
     tmp = Path(tempfile.mkdtemp(prefix="trace_"))
     try:
-        out = torchrun(step_dir(step) / "train.py", nproc, [*args, "--trace-dir", tmp])
+        out = torchrun(HERE / "trace.py", nproc, ["--out", tmp, step_dir(step) / "train.py", *args])
         recs = []
         for f in sorted(tmp.glob("rank*.jsonl")):
             rank = int(f.stem[4:])

@@ -22,14 +22,12 @@ One huge bucket = no overlap; tiny buckets = many latency-bound messages.
 
 Gradient accumulation: set `require_backward_grad_sync = False` for all but the last
 micro-batch; those backwards only accumulate into p.grad locally (no communication at all).
-The hooks look at the flag when the gradient arrives (backward time, not forward time), which
-is what a pipeline schedule that interleaves forwards and backwards needs.
+The hooks read the flag when the gradient arrives, at backward time, not at forward time.
 
 Reference: Li et al. 2020, "PyTorch Distributed: Experiences on Accelerating Data Parallel
 Training" (VLDB), Sections 3.2.3 (gradient bucketing) and 3.2.4 (overlap with backward).
 """
 import weakref
-from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -48,13 +46,7 @@ class Bucket:
             self.slices.append((lo, lo + p.numel()))
             lo += p.numel()
         self.buffer = torch.zeros(lo, dtype=torch.float32, device=params[0].device)
-        # The async all-reduce work of the last launch. It is kept after wait(), until the
-        # next launch replaces it: a work launched inside backward carries a Python object
-        # (autograd's context), so whoever drops the last reference needs the GIL. If that
-        # is gloo's worker thread while the interpreter exits, the process aborts
-        # ("terminate called without an active exception"); holding it here makes Python
-        # the last owner.
-        self.handle = None
+        self.work = None  # the async all-reduce in flight
         self.reset()
 
     def reset(self):
@@ -86,38 +78,15 @@ class DataParallel(nn.Module):
         if cur:
             groups.append(cur)
         self.buckets = [Bucket(i, ps) for i, ps in enumerate(groups)]
-        self.n_params = len(params)
         self._next = 0  # first bucket not yet launched this step
-        self._n_ready = 0
-        self.stats = self._new_stats()  # live counters of the current step
-        self.last_stats = self._new_stats()  # counters of the last finished step
         if self.world > 1:  # group of 1: nothing to average, no hooks, no communication
-            # The hooks hold this module weakly. A parameter keeps its hooks on the C++ side,
-            # where Python's cycle collector cannot see them: a hook holding `self` would keep
-            # this module, the model and the process group alive until interpreter shutdown.
-            me = weakref.ref(self)
+            me = weakref.ref(self)  # weakly: hooks live in C++, beyond gc (test_clean_exit.py)
             for b in self.buckets:
                 for i, p in enumerate(b.params):
                     p.register_post_accumulate_grad_hook(partial(_grad_ready, me, b.index, i))
 
-    @staticmethod
-    def _new_stats():
-        # allreduces: launched; bytes: sent into them; order: bucket indices in launch order;
-        # pending_at_launch: params whose grad was not yet final when each one launched
-        # (> 0 means the all-reduce overlaps the rest of backward).
-        return {"allreduces": 0, "bytes": 0, "order": [], "pending_at_launch": []}
-
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
-
-    @contextmanager
-    def no_sync(self):
-        """Backwards inside only accumulate p.grad locally (all but the last micro-batch)."""
-        prev, self.require_backward_grad_sync = self.require_backward_grad_sync, False
-        try:
-            yield
-        finally:
-            self.require_backward_grad_sync = prev
 
     def _on_grad_ready(self, bucket, i, p):
         # Runs inside autograd, right after this parameter's grad has been accumulated into
@@ -129,7 +98,6 @@ class DataParallel(nn.Module):
         assert p.grad.dtype == torch.float32, f"expected fp32 grads, got {p.grad.dtype}"
         bucket.ready[i] = True
         bucket.pending -= 1
-        self._n_ready += 1
         if bucket.pending == 0:
             self._launch_ready_buckets()
 
@@ -149,19 +117,13 @@ class DataParallel(nn.Module):
                 flat.copy_(p.grad.reshape(-1))  # (numel,) <- param shape
         # all-reduce (SUM) over the data-parallel group, async: autograd keeps computing the
         # earlier layers' grads while this bucket is on the wire.
-        bucket.handle = dist.all_reduce(bucket.buffer, op=dist.ReduceOp.SUM,
-                                        group=self.group, async_op=True)
-        s = self.stats
-        s["allreduces"] += 1
-        s["bytes"] += bucket.buffer.numel() * bucket.buffer.element_size()
-        s["order"].append(bucket.index)
-        s["pending_at_launch"].append(self.n_params - self._n_ready)
+        bucket.work = dist.all_reduce(bucket.buffer, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
 
     def finish_gradient_synchronization(self):
         """Wait for every bucket; afterwards p.grad is the average over the group.
 
         Call once per optimizer step, after the last micro-batch's backward and before
-        grad clipping / optimizer.step(). Returns the stats of this step.
+        grad clipping / optimizer.step().
         """
         if self.world > 1:
             # Buckets still incomplete hold parameters that got no grad this step (unused):
@@ -170,7 +132,8 @@ class DataParallel(nn.Module):
                 b.pending = 0
             self._launch_ready_buckets()
             for b in self.buckets:
-                b.handle.wait()
+                b.work.wait()
+                b.work = None
                 b.buffer.div_(self.world)  # gloo has no AVG: sum, then divide
                 for p, (lo, hi) in zip(b.params, b.slices):
                     avg = b.buffer[lo:hi].view_as(p)  # (numel,) -> param shape
@@ -179,9 +142,7 @@ class DataParallel(nn.Module):
                     else:
                         p.grad.copy_(avg)
                 b.reset()
-        self._next, self._n_ready = 0, 0
-        self.last_stats, self.stats = self.stats, self._new_stats()
-        return self.last_stats
+        self._next = 0
 
 
 def _grad_ready(module_ref, bucket_index, i, p):

@@ -1,21 +1,17 @@
 """Who talks to whom: the rank grid and one process group per parallel dimension.
 
-Every rank has coordinates in a grid of shape (dp,) (later steps add tp, pp and cp as
-further, faster-varying axes). A dimension's group is the set of ranks that differ only
-along that axis: the data-parallel group of rank r is every rank holding the same model
-shard, and it is where gradients are averaged.
+Every rank has coordinates in a grid of axes (dp,).
+A dimension's group is the set of ranks that differ only along that axis: the data-parallel
+group of rank r is every rank holding the same model, and it is where gradients are averaged.
 """
+import gc
 import os
 from datetime import timedelta
 from math import prod
 
 import torch
 import torch.distributed as dist
-# torch.distributed.nn binds `group.WORLD` as a default argument when first imported, and
-# libraries import it lazily (transformers does, through FSDP). Import it now, while no group
-# exists: imported after init_process_group, that default would keep the world group (and its
-# gloo threads) alive until interpreter shutdown.
-import torch.distributed.nn  # noqa: F401
+import torch.distributed.nn  # noqa: F401  before any group: it binds the world group (test_clean_exit.py)
 
 
 def init_distributed(device):
@@ -30,6 +26,18 @@ def init_distributed(device):
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
                             timeout=timeout)
     return rank, world
+
+
+def shutdown_distributed():
+    """Destroy the process groups once main() has returned (workaround for pytorch/pytorch#190489).
+
+    A gloo worker thread still alive at interpreter exit can abort the process, and gloo joins a
+    group's threads only when nothing references the group any more: tests/test_clean_exit.py
+    explains it, and checks that no thread is left.
+    """
+    gc.collect()  # main()'s objects, cycles among them included
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class ProcessGroupManager:

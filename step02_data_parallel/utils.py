@@ -5,6 +5,7 @@ import json
 import math
 import os
 import resource
+import sys
 from pathlib import Path
 
 import torch
@@ -112,9 +113,10 @@ def lr_at(step, args):
 def clip_grad_norm_(params, max_norm, group=None):
     """Scale gradients so their global L2 norm is at most max_norm; return the norm before.
 
-    A parameter present on k ranks of `group` (p.replicas = k) counts once; sharded ones
-    add up their slices. Summing the squares over `group` makes the norm that of the whole
-    model. No .item(): the norm stays on the device, so there is no host sync here.
+    From step03 on a model is split over ranks: a parameter present on k ranks of `group`
+    (p.replicas = k) counts once, sharded ones add up their slices, and summing the squares over
+    `group` makes the norm that of the whole model. No .item(): the norm stays on the device, so
+    there is no host sync here.
     """
     params = [p for p in params if p.grad is not None]
     sq = torch.zeros((), dtype=torch.float32, device=params[0].device)
@@ -130,9 +132,11 @@ def clip_grad_norm_(params, max_norm, group=None):
 
 
 def memory_gib(device):
-    if device == "cuda":
+    """Peak memory of this process: allocated on the GPU, resident (RSS) on the CPU."""
+    if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 class Metrics:
@@ -156,18 +160,44 @@ class Metrics:
             self.file.write(json.dumps(m) + "\n")
             self.file.flush()
 
+    def summary(self, **m):
+        """Facts about the whole run, once at its end (step04: the pipeline's activations in flight):
+        a human line, and a JSON object with "summary": true in the log file."""
+        if not self.enabled:
+            return
+        print("run | " + " | ".join(f"{k} {v}" for k, v in m.items()), flush=True)
+        if self.file:
+            self.file.write(json.dumps({"summary": True, **m}) + "\n")
+            self.file.flush()
+
     def close(self):
         if self.file:
             self.file.close()
 
 
-def dump_params(model, directory, rank=0):
-    """Write this rank's parameters (and how each is sliced) to DIR/rank{N}.safetensors."""
+def atomic_save_file(tensors, path, metadata=None):
+    """safetensors' save_file under a temporary name, synced, given the usual mode, then renamed.
+
+    Readers see the old file or the new one, never half of one; safetensors creates files 0600,
+    this gives them 0666 minus the umask like any other file."""
     from safetensors.torch import save_file
 
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())  # on disk before it gets its final name
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)  # atomic on POSIX
+
+
+def dump_params(model, directory, rank=0):
+    """Write this rank's parameters (and how each is sliced) to DIR/rank{N}.safetensors (tests)."""
     Path(directory).mkdir(parents=True, exist_ok=True)
     tensors, meta = {}, {}
     for name, p in model.named_parameters():
         tensors[name] = p.detach().float().cpu().contiguous()
-        meta[name] = ",".join(map(str, getattr(p, "shard", ())))
-    save_file(tensors, os.path.join(directory, f"rank{rank}.safetensors"), metadata=meta)
+        meta[name] = ",".join(map(str, getattr(p, "shard", ())))  # step03+: (dim, index, count) of a slice
+    atomic_save_file(tensors, os.path.join(directory, f"rank{rank}.safetensors"), meta)

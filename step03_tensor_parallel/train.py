@@ -3,7 +3,6 @@ ranks (Megatron-style), on top of data parallelism: world = dp x tp.
 
 Same seed, same global batch and same per-step loss as step01. README.md has the commands.
 """
-import gc
 import os
 import sys
 import time
@@ -14,11 +13,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this step's own modules
-from comm_trace import CommTracer
 from data_parallel import DataParallel
 from data import DEFAULT_DATASET, DEFAULT_TOKENIZER, global_batch, load_sequences, load_tokenizer
 from model import Llama, init_weights, load_hf_weights, materialize
-from process_group_manager import ProcessGroupManager, init_distributed
+from process_group_manager import ProcessGroupManager, init_distributed, shutdown_distributed
 from tensor_parallel import apply_tensor_parallel, check_tp_divisibility, vocab_parallel_cross_entropy
 from utils import (Metrics, base_parser, clip_grad_norm_, die, dump_params, lr_at, make_config,
                    memory_gib, resolve_device_dtype)
@@ -30,7 +28,6 @@ def main():
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world size)")
     parser.add_argument("--bucket-size-mb", type=float, default=25.0, help="gradient all-reduce bucket size")
-    parser.add_argument("--trace-dir", default=None, help="record every collective and send/recv to DIR/rank{N}.jsonl")
     args = parser.parse_args()
 
     # --- distributed setup ---
@@ -45,7 +42,7 @@ def main():
     if device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
     pgm = ProcessGroupManager(dp=args.dp, tp=args.tp)
-    is_logger = rank == world_size - 1  # the last rank logs (it holds the loss once pipelines arrive)
+    is_logger = rank == 0  # one rank prints and writes the log
     torch.manual_seed(args.seed)
 
     # --- model ---
@@ -68,7 +65,6 @@ def main():
     # --- data parallel ---
     # Gradients are all-reduced over dp in buckets as soon as backward produces them.
     model = DataParallel(model, pgm.dp_group, args.bucket_size_mb)
-    tracer = CommTracer(args.trace_dir, pgm).watch(model)  # off (and free) without --trace-dir
 
     # --- data ---
     G = args.micro_batch_size * args.grad_acc_steps * args.dp  # sequences per optimizer step
@@ -126,7 +122,6 @@ def main():
     metrics = Metrics(args.log_file, enabled=is_logger)
     tokens_seen = 0
     for step in range(args.max_steps):
-        tracer.step(step)
         t0 = time.perf_counter()
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
@@ -134,11 +129,10 @@ def main():
 
         loss_sum = forward_backward(local_micro_batches(step))
 
-        with tracer.phase("optimizer"):
-            model.finish_gradient_synchronization()  # wait for the buckets: grads are the dp average
-            grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip, pgm.mp_group)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        model.finish_gradient_synchronization()  # wait for the buckets: grads are the dp average
+        grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip, pgm.mp_group)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
         # --- logging ---
         dist.all_reduce(loss_sum, group=pgm.dp_group)  # all-reduce over dp: the mean of the whole global batch
@@ -149,17 +143,10 @@ def main():
                     tokens_per_s=G * args.seq_len / dt, step_time_s=dt, mem_gib=memory_gib(device))
 
     metrics.close()
-    tracer.close()
     if args.dump_params:
         dump_params(model.module, args.dump_params, rank)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
-    # main()'s objects (the model, the process-group manager, the tracer) hold the process
-    # groups. Collect them now, cycles included, so that gloo joins its worker threads while
-    # Python is fully alive: a gloo thread still freeing a collective launched in backward
-    # during interpreter shutdown aborts the process ("terminate called without an active
-    # exception", pytorch/pytorch#190489).
-    gc.collect()
+    shutdown_distributed()  # after main(): no object of the run holds a process group any more

@@ -1,21 +1,19 @@
 """Who talks to whom: the rank grid and one process group per parallel dimension.
 
-Every rank has coordinates in a grid of shape (dp, pp, tp) (step06 adds cp before tp). tp varies fastest, so a tp group is made of neighbouring ranks: on a GPU machine they
-share a node and its fast links, which tensor parallelism needs most. A dimension's group is the set of ranks that differ only
-along that axis: the data-parallel group of rank r is every rank holding the same model
-shard, and it is where gradients are averaged.
+Every rank has coordinates in a grid of axes (dp, pp, tp).
+tp varies fastest, so a tp group is made of neighbouring ranks: on a GPU machine they share a
+node and its fast links, which tensor parallelism needs most. A dimension's group is the set of
+ranks that differ only along that axis: the data-parallel group of rank r is every rank holding
+the same model shard, and it is where gradients are averaged.
 """
+import gc
 import os
 from datetime import timedelta
 from math import prod
 
 import torch
 import torch.distributed as dist
-# torch.distributed.nn binds `group.WORLD` as a default argument when first imported, and
-# libraries import it lazily (transformers does, through FSDP). Import it now, while no group
-# exists: imported after init_process_group, that default would keep the world group (and its
-# gloo threads) alive until interpreter shutdown.
-import torch.distributed.nn  # noqa: F401
+import torch.distributed.nn  # noqa: F401  before any group: it binds the world group (test_clean_exit.py)
 
 
 def init_distributed(device):
@@ -32,6 +30,18 @@ def init_distributed(device):
     return rank, world
 
 
+def shutdown_distributed():
+    """Destroy the process groups once main() has returned (workaround for pytorch/pytorch#190489).
+
+    A gloo worker thread still alive at interpreter exit can abort the process, and gloo joins a
+    group's threads only when nothing references the group any more: tests/test_clean_exit.py
+    explains it, and checks that no thread is left.
+    """
+    gc.collect()  # main()'s objects, cycles among them included
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class ProcessGroupManager:
     def __init__(self, dp, pp, tp):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -43,7 +53,7 @@ class ProcessGroupManager:
         self.tp_rank, self.tp_size = coords["tp"], tp
         self.pp_rank, self.pp_size = coords["pp"], pp
         self.pp_is_first_stage, self.pp_is_last_stage = self.pp_rank == 0, self.pp_rank == pp - 1
-        # global ranks of the neighbouring stages (same dp and tp coordinates)
+        # global ranks of the neighbouring stages (same coordinates on the other axes)
         self.pp_prev_rank = self._rank_at(coords, pp=(self.pp_rank - 1) % pp)
         self.pp_next_rank = self._rank_at(coords, pp=(self.pp_rank + 1) % pp)
         self.dp_group = self._group_along("dp")

@@ -91,22 +91,18 @@ def apply_pipeline_parallel(model, pgm):
 
 
 def tied_embedding_group(pgm):
-    """The group {first stage, last stage} of this rank's (dp, cp, tp) coordinates.
+    """The group {first stage, last stage} of this rank's coordinates on the other axes.
 
-    Uses pgm.pp_embed_group if the manager has one, else builds one group per (dp, cp, tp) of
-    the layout arange(world).view(dp, pp, cp, tp) (every rank creates all, in the same order, as
-    dist.new_group requires) and caches this rank's on pgm (None on middle stages).
+    Built on first use, one group per cell of the other axes of pgm.grid (every rank creates all,
+    in the same order, as dist.new_group requires); this rank's is kept on pgm (None on middle
+    stages).
     """
     if not hasattr(pgm, "pp_embed_group"):
         pgm.pp_embed_group = None
-        sizes = [pgm.dp_size, pgm.pp_size, getattr(pgm, "cp_size", 1), getattr(pgm, "tp_size", 1)]
-        grid = torch.arange(dist.get_world_size()).view(*sizes)  # (dp, pp, cp, tp), tp fastest
-        me = dist.get_rank()
-        assert (grid == me).nonzero()[0, 1] == pgm.pp_rank, "pgm does not use the (dp, pp, cp, tp) layout"
-        pairs = grid[:, [0, -1]].permute(0, 2, 3, 1).reshape(-1, 2)  # (dp*cp*tp, 2): first, last stage
-        for ranks in pairs.tolist():
+        grid = pgm.grid.movedim(list(pgm.sizes).index("pp"), -1)  # (..., pp): stages last
+        for ranks in grid[..., [0, -1]].reshape(-1, 2).tolist():  # (cells, 2): first, last stage
             group = dist.new_group(ranks)
-            if me in ranks:
+            if pgm.rank in ranks:
                 pgm.pp_embed_group = group
     return pgm.pp_embed_group
 
@@ -130,13 +126,10 @@ def sync_tied_embeddings(model, pgm):
 def pipeline_p2p(pgm, send_next=None, send_prev=None, recv_prev=None, recv_next=None):
     """Post the given ops together (batch_isend_irecv, peers = global ranks), then wait.
 
-    send_next: activations -> next stage       recv_prev: activations <- previous stage
-    send_prev: input grads -> previous stage   recv_next: output grads <- next stage
-    train_step posts, after each event, its send together with the receive the next event needs,
-    so each batch meets the neighbour's matching batch (NCCL runs a batch as one group): no
-    deadlock even though every batch is waited for. wait() blocks the host on gloo; on NCCL
-    only the compute stream waits for the P2P stream: no device-wide synchronisation. NCCL: a
-    first batch_isend_irecv must involve every rank, so run one world collective (a barrier) first.
+    Each batch meets the neighbour's matching batch (train_step's table), so no rank deadlocks
+    although every batch is waited for. wait() blocks the host on gloo; on NCCL only the compute
+    stream waits for the P2P stream. NCCL: a first batch_isend_irecv must involve every rank, so
+    run one world collective (a barrier) first.
     """
     ops = []
     for op, t, peer in ((dist.isend, send_next, pgm.pp_next_rank), (dist.isend, send_prev, pgm.pp_prev_rank),
@@ -179,6 +172,14 @@ def train_step(model, micro_batches, pgm, loss_fn, grad_acc, autocast, schedule=
     entered once per forward (forwards never nest). schedule: a key of SCHEDULES.
     Grads accumulate in p.grad. loss_sum: sum of the micro-batch losses on the last stage, 0
     elsewhere; peak_inflight: most micro-batches whose activations were alive at once here.
+
+    After each event, one batch_isend_irecv sends what the event produced and receives what the
+    next event reads (the first stage has no previous stage, the last no next one):
+        event, next    sends                          receives
+        F -> F         activations to the next stage  activations from the previous stage
+        F -> B         activations to the next stage  output grad from the next stage
+        B -> F         input grad to the previous     activations from the previous stage
+        B -> B         input grad to the previous     output grad from the next stage
     """
     micro_batches = list(micro_batches)
     events = SCHEDULES[schedule](pgm.pp_size, pgm.pp_rank, len(micro_batches))
@@ -191,7 +192,7 @@ def train_step(model, micro_batches, pgm, loss_fn, grad_acc, autocast, schedule=
         buf = None
         if then is not None and not (then[0] == "F" and first) and not (then[0] == "B" and last):
             x = micro_batches[then[1]][0]
-            buf = torch.empty(*x.shape[:2], hidden, dtype=torch.float32, device=x.device)  # (mbs, T/cp, D)
+            buf = torch.empty(*x.shape[:2], hidden, dtype=torch.float32, device=x.device)  # (mbs, T, D)
         forward = then is not None and then[0] == "F"
         pipeline_p2p(pgm, send_next, send_prev, recv_prev=buf if forward else None,
                      recv_next=None if forward else buf)

@@ -4,7 +4,6 @@ micro-batches of activations are alive at once: world = dp x pp x tp.
 
 Same seed, same global batch and same per-step loss as step01. README.md has the commands.
 """
-import gc
 import os
 import sys
 import time
@@ -15,12 +14,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this step's own modules
-from comm_trace import CommTracer
 from data_parallel import DataParallel
 from data import DEFAULT_DATASET, DEFAULT_TOKENIZER, global_batch, load_sequences, load_tokenizer
 from model import Llama, init_weights, load_hf_weights, materialize
 from pipeline_parallel import apply_pipeline_parallel, check_pp, sync_tied_embeddings, train_step
-from process_group_manager import ProcessGroupManager, init_distributed
+from process_group_manager import ProcessGroupManager, init_distributed, shutdown_distributed
 from tensor_parallel import apply_tensor_parallel, check_tp_divisibility, vocab_parallel_cross_entropy
 from utils import (Metrics, base_parser, clip_grad_norm_, die, dump_params, lr_at, make_config,
                    memory_gib, resolve_device_dtype)
@@ -34,7 +32,6 @@ def main():
     parser.add_argument("--pp-engine", choices=["afab", "1f1b"], default="1f1b", help="pipeline schedule")
     parser.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world size)")
     parser.add_argument("--bucket-size-mb", type=float, default=25.0, help="gradient all-reduce bucket size")
-    parser.add_argument("--trace-dir", default=None, help="record every collective and send/recv to DIR/rank{N}.jsonl")
     args = parser.parse_args()
 
     # --- distributed setup ---
@@ -49,7 +46,7 @@ def main():
     if device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
     pgm = ProcessGroupManager(dp=args.dp, pp=args.pp, tp=args.tp)
-    is_logger = rank == world_size - 1  # the last rank logs (it holds the loss once pipelines arrive)
+    is_logger = rank == world_size - 1  # the last rank is on the last pipeline stage, which has the loss
     torch.manual_seed(args.seed)
 
     # --- model ---
@@ -77,7 +74,6 @@ def main():
     # Gradients are all-reduced over dp in buckets as soon as backward produces them.
     model = DataParallel(model, pgm.dp_group, args.bucket_size_mb)
     dist.barrier()  # NCCL: a subgroup's first point-to-point must not be the first collective
-    tracer = CommTracer(args.trace_dir, pgm).watch(model)  # off (and free) without --trace-dir
 
     # --- data ---
     G = args.micro_batch_size * args.grad_acc_steps * args.dp  # sequences per optimizer step
@@ -134,29 +130,25 @@ def main():
               f"{args.seq_len} tokens | global batch {G} sequences | {device} {dtype}")
     metrics = Metrics(args.log_file, enabled=is_logger)
     tokens_seen = 0
+    peak_inflight = 0  # the most micro-batches this stage held at once, over the run
     for step in range(args.max_steps):
-        tracer.step(step)
         t0 = time.perf_counter()
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        extra = {}
         if pgm.pp_size > 1:  # the schedule runs every stage's forwards and backwards, passing activations
             loss_sum, peak = train_step(model, list(local_micro_batches(step)), pgm, loss_fn,
                                         args.grad_acc_steps, autocast, schedule=args.pp_engine)
-            peaks = torch.zeros(pgm.pp_size, dtype=torch.long, device=device)
-            dist.all_gather_into_tensor(peaks, torch.tensor([peak], device=device), group=pgm.pp_group)
-            extra["pp_peak_inflight"] = peaks.tolist()  # micro-batches alive at once, per stage
+            peak_inflight = max(peak_inflight, peak)  # micro-batches whose activations were alive at once
         else:
             loss_sum = forward_backward(local_micro_batches(step))
 
-        with tracer.phase("optimizer"):
-            model.finish_gradient_synchronization()  # wait for the buckets: grads are the dp average
-            sync_tied_embeddings(model, pgm)  # all-reduce over {first, last stage}: the tied weight's two uses
-            grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip, pgm.mp_group)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        model.finish_gradient_synchronization()  # wait for the buckets: grads are the dp average
+        sync_tied_embeddings(model, pgm)  # all-reduce over {first, last stage}: the tied weight's two uses
+        grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip, pgm.mp_group)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
         # --- logging ---
         dist.all_reduce(loss_sum, group=pgm.dp_group)  # all-reduce over dp: the mean of the whole global batch
@@ -164,20 +156,17 @@ def main():
         dt = time.perf_counter() - t0
         tokens_seen += G * args.seq_len
         metrics.log(step=step, loss=loss_avg, lr=lr, grad_norm=grad_norm.item(), tokens=tokens_seen,
-                    tokens_per_s=G * args.seq_len / dt, step_time_s=dt, mem_gib=memory_gib(device), **extra)
+                    tokens_per_s=G * args.seq_len / dt, step_time_s=dt, mem_gib=memory_gib(device))
 
+    if pgm.pp_size > 1:  # once per run, not per step: all-gather over pp of every stage's peak
+        peaks = torch.zeros(pgm.pp_size, dtype=torch.long, device=device)
+        dist.all_gather_into_tensor(peaks, torch.tensor([peak_inflight], device=device), group=pgm.pp_group)
+        metrics.summary(pp_peak_inflight=peaks.tolist())
     metrics.close()
-    tracer.close()
     if args.dump_params:
         dump_params(model.module, args.dump_params, rank)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
-    # main()'s objects (the model, the process-group manager, the tracer) hold the process
-    # groups. Collect them now, cycles included, so that gloo joins its worker threads while
-    # Python is fully alive: a gloo thread still freeing a collective launched in backward
-    # during interpreter shutdown aborts the process ("terminate called without an active
-    # exception", pytorch/pytorch#190489).
-    gc.collect()
+    shutdown_distributed()  # after main(): no object of the run holds a process group any more

@@ -6,6 +6,8 @@ once for the whole course: later steps parallelise the model from the outside, n
 editing it.
   - attention infers its local head count from tensor shapes, so tensor parallelism can
     swap q/k/v/o for sharded linears (step03);
+  - each block's input passes through an nn.Identity (`attn_entry`, `mlp_entry`), where
+    tensor parallelism puts the communication a block's sharded linears need (step03);
   - layers sit in an nn.ModuleDict keyed by their global index, so a pipeline stage can
     drop the layers it does not own and keep HF names (step04);
   - attention calls `self.attn_fn`, so context parallelism can plug in ring attention
@@ -68,11 +70,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
-        self.attn_fn = causal_attention
+        self.attn_fn = causal_attention  # step06: ring attention over the cp ranks
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
-        # -1 heads: the full count here, H/tp once tensor parallelism shards the projections
+        # -1 heads: the full count here, H/tp once tensor parallelism (step03) shards the projections
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -97,19 +99,22 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn_entry = nn.Identity()  # step03: the tensor-parallel block's input operator
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp_entry = nn.Identity()  # step03: the same for the MLP block
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self.attn_entry(self.input_layernorm(x)), cos, sin)
+        return x + self.mlp(self.mlp_entry(self.post_attention_layernorm(x)))
 
 
 class LlamaBody(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # keyed by the global index: a pipeline stage (step04) keeps its layers under their HF names
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -124,7 +129,8 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, x, position_ids=None):
-        """x: token ids (B, T), or hidden states (B, T, D) on a pipeline stage without the embedding."""
+        """x: token ids (B, T) -> logits (B, T, V). (step04: a pipeline stage without the embedding
+        passes hidden states (B, T, D); step06: position_ids of the tokens a rank holds.)"""
         B, T = x.shape[:2]
         if position_ids is None:
             position_ids = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
@@ -139,8 +145,8 @@ class Llama(nn.Module):
 def materialize(model, device):
     """Give a model built on the meta device real (uninitialised) storage on `device`.
 
-    Unlike nn.Module.to_empty this keeps the Python attributes later steps attach to
-    parameters (.shard, .replicas) and keeps tied parameters tied.
+    Unlike nn.Module.to_empty this keeps tied parameters tied and keeps the Python attributes
+    that step03 on attaches to parameters (.shard, .replicas).
     """
     new = {}
     for module in model.modules():
@@ -156,7 +162,7 @@ def materialize(model, device):
 def full_shape(p):
     """The shape of the whole tensor this parameter is (a slice of)."""
     shape = list(p.shape)
-    if hasattr(p, "shard"):  # later steps: p is full.chunk(count, dim)[index]
+    if hasattr(p, "shard"):  # step03+: p is full.chunk(count, dim)[index]
         dim, _, count = p.shard
         shape[dim] *= count
     return shape
@@ -179,7 +185,7 @@ def init_weights(model, seed):
     std = model.config.initializer_range
     for name, p in model.named_parameters():
         if model.config.tie_word_embeddings and name == "lm_head.weight":
-            name = "model.embed_tokens.weight"  # a pipeline stage may hold lm_head without the embedding
+            name = "model.embed_tokens.weight"  # step04: a last stage holds lm_head without the embedding
         if name.endswith("norm.weight"):
             full = torch.ones(full_shape(p))
         else:

@@ -9,12 +9,18 @@ second is row-parallel (each rank owns in/tp input features, consumes exactly th
 produces a partial sum of the full output). Attention splits by heads (q/k/v column, o row),
 the MLP by intermediate features (gate/up column, down row). Everything between the two
 linears (RoPE, attention, SiLU * up) is local: no communication inside a block.
+Megatron's two operators (Shoeybi et al., Sec. 3 and Fig. 3) carry all of it:
+  f = copy_to_tp:     identity forward, all-reduce over tp backward. Where a replicated x enters
+                      column-parallel linears: each block's entry (`attn_entry`, `mlp_entry`, in
+                      print(model) as CopyToTP), and lm_head.
+  g = reduce_from_tp: all-reduce over tp forward, identity backward. Where row-parallel partial
+                      sums leave: o_proj, down_proj, and the vocab-parallel embedding.
 
 Communication, all over the tp group, activations x of shape (B, T, D):
   per decoder layer, forward:  2 all-reduces of B*T*D (o_proj, down_proj outputs are partial sums)
   per decoder layer, backward: 2 all-reduces of B*T*D (the grad wrt each block's input is a
-      partial sum: q, k, v - or gate, up - saw the full input). One copy_to_tp per block, at
-      its input (a forward pre-hook on self_attn and mlp), serves all its column linears.
+      partial sum: q, k, v - or gate, up - saw the full input). One f per block, at its entry,
+      serves all its column linears.
   embedding: 1 all-reduce of B*T*D forward (each rank embeds only the ids in its vocab range).
   lm_head: 1 all-reduce of B*T*D backward. Loss: 1 all-reduce of B*T (max) + 1 of 2*B*T floats.
   A ring all-reduce of N bytes sends and receives 2*(tp-1)/tp * N bytes per rank.
@@ -41,8 +47,8 @@ def _rank_size(group):
 
 
 class _CopyToTP(torch.autograd.Function):
-    """Forward: identity (x is already replicated). Backward: all-reduce over tp, because every
-    rank's column-parallel linear used x, so each rank holds only a partial sum of dL/dx."""
+    """Megatron's f. Forward: identity (x is already replicated). Backward: all-reduce over tp,
+    because every rank's column-parallel linear used x, so each rank holds a partial dL/dx."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -58,8 +64,8 @@ class _CopyToTP(torch.autograd.Function):
 
 
 class _ReduceFromTP(torch.autograd.Function):
-    """Forward: all-reduce over tp (row-parallel outputs are partial sums). Backward: identity
-    (the summed output is replicated, so each rank's grad is already the full dL/dy)."""
+    """Megatron's g. Forward: all-reduce over tp (row-parallel outputs are partial sums).
+    Backward: identity (the summed output is replicated: each rank's grad is the full dL/dy)."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -72,12 +78,27 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-def copy_to_tp(x, group):
+def copy_to_tp(x, group):  # f
     return x if _rank_size(group)[1] == 1 else _CopyToTP.apply(x, group)
 
 
-def reduce_from_tp(x, group):
+def reduce_from_tp(x, group):  # g
     return x if _rank_size(group)[1] == 1 else _ReduceFromTP.apply(x, group)
+
+
+class CopyToTP(nn.Module):
+    """Megatron's f as a module, for a block's entry: one all-reduce of dL/dx in backward serves
+    all the block's column-parallel linears (q, k, v or gate, up)."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x):
+        return copy_to_tp(x, self.group)
+
+    def extra_repr(self):
+        return "f: identity forward, all-reduce over tp backward"
 
 
 class ColumnParallelLinear(nn.Module):
@@ -89,7 +110,7 @@ class ColumnParallelLinear(nn.Module):
         rank, size = _rank_size(group)
         assert out_features % size == 0, f"tp={size} does not divide out_features={out_features}"
         self.group, self.in_features, self.out_features = group, in_features, out_features
-        self.copy_input = copy_input  # False: the enclosing block already applied copy_to_tp
+        self.copy_input = copy_input  # False: the block's entry already applied f
         self.weight = nn.Parameter(torch.empty(out_features // size, in_features, device=device))
         self.weight.shard = (0, rank, size)  # local = full.chunk(size, 0)[rank]
 
@@ -116,10 +137,10 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x):
         partial = F.linear(x, self.weight)  # (..., out): this rank's partial sum over in/tp
-        return reduce_from_tp(partial, self.group)  # all-reduce over tp -> full y on every rank
+        return reduce_from_tp(partial, self.group)  # g: all-reduce over tp -> full y on every rank
 
     def extra_repr(self):
-        return f"in_features={self.in_features}/tp, out_features={self.out_features} (row)"
+        return f"in_features={self.in_features}/tp, out_features={self.out_features} (row, then g)"
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -140,7 +161,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (ids < lo) | (ids >= hi)  # (B, T)
         local = (ids - lo).masked_fill(outside, 0)  # any valid row; zeroed below
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (B, T, D)
-        return reduce_from_tp(out, self.group)  # all-reduce over tp: exactly one rank is non-zero
+        return reduce_from_tp(out, self.group)  # g, all-reduce over tp: exactly one rank is non-zero
 
     def extra_repr(self):
         return f"{self.num_embeddings}/tp, {self.embedding_dim} (vocab parallel)"
@@ -209,9 +230,8 @@ def check_tp_divisibility(config, tp):
 
 def apply_tensor_parallel(model, group):
     """Swap the Llama's linears/embedding for tp-sharded ones, in place (meta model is fine).
-    Works on a pipeline stage: missing layers, and embed_tokens / lm_head that are None or
-    nn.Identity, are skipped. After this, model(x) returns logits (B, T, V/tp): use
-    vocab_parallel_cross_entropy for the loss."""
+    After this, model(x) returns logits (B, T, V/tp): use vocab_parallel_cross_entropy for the
+    loss. Modules that are missing, None or nn.Identity are skipped (step04: a pipeline stage)."""
     _, tp = _rank_size(group)
     check_tp_divisibility(model.config, tp)  # before touching anything
 
@@ -221,25 +241,21 @@ def apply_tensor_parallel(model, group):
             assert old.bias is None, f"{name}: tensor-parallel linears here have no bias"
             setattr(parent, name, cls(old.in_features, old.out_features, group, old.weight.device, **kw))
 
-    def copy_block_input(module, args):  # forward pre-hook: backward all-reduce once per block
-        return (copy_to_tp(args[0], group), *args[1:])
-
     for layer in model.model.layers.values():
+        layer.attn_entry = CopyToTP(group)  # f: q, k and v read the block's input
         for name in ("q_proj", "k_proj", "v_proj"):  # split by heads
             swap(layer.self_attn, name, ColumnParallelLinear, copy_input=False)
         swap(layer.self_attn, "o_proj", RowParallelLinear)
+        layer.mlp_entry = CopyToTP(group)  # f: gate and up read the block's input
         for name in ("gate_proj", "up_proj"):  # split by intermediate features
             swap(layer.mlp, name, ColumnParallelLinear, copy_input=False)
         swap(layer.mlp, "down_proj", RowParallelLinear)
-        if tp > 1:
-            layer.self_attn.register_forward_pre_hook(copy_block_input)
-            layer.mlp.register_forward_pre_hook(copy_block_input)
 
     emb = getattr(model.model, "embed_tokens", None)
     if isinstance(emb, nn.Embedding):
         model.model.embed_tokens = VocabParallelEmbedding(
             emb.num_embeddings, emb.embedding_dim, group, emb.weight.device)
-    swap(model, "lm_head", ColumnParallelLinear)  # logits stay sharded over the vocab
+    swap(model, "lm_head", ColumnParallelLinear)  # f on its input; logits stay sharded over the vocab
     new_emb = getattr(model.model, "embed_tokens", None)
     if (model.config.tie_word_embeddings and isinstance(new_emb, VocabParallelEmbedding)
             and isinstance(getattr(model, "lm_head", None), ColumnParallelLinear)):

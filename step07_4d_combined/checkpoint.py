@@ -17,7 +17,7 @@ rank 0 writes meta.json and only then `latest`: a crash at any moment leaves `la
 previous complete checkpoint. Resuming checks meta.json and every file's size on every rank
 before reading anything, so a bad checkpoint stops all ranks with the same one-line error
 instead of leaving some of them waiting in a collective.
-A checkpoint resumes only under the layout (dp, tp, pp, cp) that wrote it: each file holds
+A checkpoint resumes only under the layout (dp, pp, cp, tp) that wrote it: each file holds
 slices cut for that layout (their .shard is stored, so resharding is possible; see README).
 Reference: safetensors (Hugging Face), a format with no code execution on load.
 """
@@ -28,11 +28,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from utils import die
+from utils import atomic_save_file, die
 
-LAYOUT = ("dp", "tp", "pp", "cp")
+LAYOUT = ("dp", "pp", "cp", "tp")
 MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "tie_word_embeddings")
 # Change any of these and "global batch k" is other data: the flags that set each one.
@@ -58,19 +57,6 @@ def crash_here(where, step):
 def _atomic_write_text(path, text):
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
-    os.replace(tmp, path)  # atomic: readers see the old or the new file, never half of one
-
-
-def atomic_save_file(tensors, path, metadata):
-    """safetensors save_file under a temporary name, synced, then renamed to `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())  # on disk before it gets its final name
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files 0600; give the usual mode
     os.replace(tmp, path)  # atomic: readers see the old or the new file, never half of one
 
 

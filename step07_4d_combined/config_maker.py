@@ -12,7 +12,12 @@ Unknown keys are an error, not silently ignored (a typo would otherwise train so
 import argparse
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
+
+TRAIN = Path(__file__).resolve().parent / "train.py"
 
 SECTIONS = {  # section -> flags (dests) this maker writes there
     "distributed": ["dp", "pp", "cp", "tp", "pp_engine"],
@@ -62,14 +67,25 @@ def make(args):
         values = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
         if values:
             cfg[section] = values
+    known = trainer_flags() if args.set else set()
     for item in args.set:
         k, _, v = item.partition("=")
+        k = k.replace("-", "_")
+        if k not in known:
+            raise SystemExit(f"error: --set {item}: train.py has no flag --{k.replace('_', '-')}; "
+                             f"see `python {os.path.relpath(TRAIN)} --help`")
         try:
             v = json.loads(v)
         except ValueError:
             pass  # a plain string
-        cfg.setdefault("extra", {})[k.replace("-", "_")] = v
+        cfg.setdefault("extra", {})[k] = v
     return cfg
+
+
+def trainer_flags():
+    """The flags train.py takes (as dests), read from its --help so that this list cannot go stale."""
+    out = subprocess.run([sys.executable, str(TRAIN), "--help"], capture_output=True, text=True).stdout
+    return {f.replace("-", "_") for f in re.findall(r"--([a-z][a-z0-9-]*)", out)}
 
 
 def main(argv=None):
@@ -84,7 +100,7 @@ def main(argv=None):
                              "save_every") else str)
             g.add_argument("--" + k.replace("_", "-"), type=typ, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other train.py flag, e.g. --set pp_schedule=1f1b (repeatable)")
+                   help="any other train.py flag, e.g. --set bucket_size_mb=50 (repeatable)")
     p.add_argument("--out", required=True, help="the JSON file to write")
     args = p.parse_args(argv)
     cfg = make(args)

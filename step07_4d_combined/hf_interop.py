@@ -26,9 +26,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from checkpoint import atomic_save_file
 from model import load_hf_weights
-from utils import die
+from utils import atomic_save_file, die
 
 
 def add_hf_args(parser):

@@ -55,16 +55,30 @@ def torchrun(script, nproc, args=(), timeout=300, env=None, check=True):
 
 
 def read_metrics(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The per-step records of a --log-file (its last line may be the run's summary: read_summary)."""
+    return [r for r in map(json.loads, filter(str.strip, Path(path).read_text().splitlines())) if "step" in r]
 
 
-def run_step(step, nproc, args, tmp_path, timeout=300, env=None, tag=None):
-    """Train `step` (e.g. "step03_tensor_parallel") on `nproc` gloo ranks; return its metrics list."""
+def read_summary(path):
+    """The run's summary record of a --log-file ({} if it has none)."""
+    recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return next((r for r in recs if r.get("summary")), {})
+
+
+TRACER = REPO / "notebooks" / "trace.py"
+
+
+def run_step(step, nproc, args, tmp_path, timeout=300, env=None, tag=None, trace=None, summary=False):
+    """Train `step` (e.g. "step03_tensor_parallel") on `nproc` gloo ranks; return its metrics list
+    (and the run's summary record too with summary=True). trace=DIR: under notebooks/trace.py."""
     tag = tag or f"{step}_{nproc}_{abs(hash(tuple(map(str, args)))) % 10**8}"
     log = Path(tmp_path) / f"{tag}.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)
-    torchrun(REPO / step / "train.py", nproc, [*args, "--log-file", log], timeout, env)
-    return read_metrics(log)
+    script, args = Path(REPO / step) / "train.py", [*args, "--log-file", log]
+    if trace is not None:
+        script, args = TRACER, ["--out", trace, script, *args]
+    torchrun(script, nproc, args, timeout, env)
+    return (read_metrics(log), read_summary(log)) if summary else read_metrics(log)
 
 
 def assert_same_losses(ref, got, rtol=1e-4, what=""):
@@ -138,7 +152,7 @@ def assert_matches_step01(step, nproc, common, layout, ref_grad_acc, workdir, pa
     Parameters get atol 5e-5 by default (they are ~0.02 in scale): AdamW's m/sqrt(v) turns the
     float32 reduction-order noise of near-zero gradients into small but visible weight noise."""
     d = Path(workdir) / f"{step}_{'_'.join(map(str, layout)).replace('-', '')}"
-    got = run_step(step, nproc, [*common, *layout, "--dump-params", d / "params"], d)
+    got, summary = run_step(step, nproc, [*common, *layout, "--dump-params", d / "params"], d, summary=True)
     ref_args = _with_flag(common, "--grad-acc-steps", ref_grad_acc)
     ref, ref_params = step01_reference(ref_args, workdir)
     assert_same_losses(ref, got, what=f"{step} {' '.join(map(str, layout))}")
@@ -151,7 +165,7 @@ def assert_matches_step01(step, nproc, common, layout, ref_grad_acc, workdir, pa
         for name, t in ref_params.items():
             diff = (full[name] - t).abs().max().item()
             assert diff <= atol, f"{name}: max abs diff {diff:.2e} after training"
-    return got
+    return got, summary
 
 
 def _with_flag(args, flag, value):

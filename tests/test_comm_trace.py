@@ -1,6 +1,6 @@
-"""The communication tracer (comm_trace.py, in every step from step02 on) against analytic counts.
+"""The communication recorder (notebooks/trace.py, run from outside the steps) against analytic counts.
 
-What is counted, per rank and per optimizer step (records of DIR/rank{N}.jsonl, see comm_trace.py):
+What is counted, per rank and per optimizer step (records of DIR/rank{N}.jsonl, see trace.py):
   step02, dp=2: the gradient all-reduces over dp (the buckets: issued during backward or in
     finish_gradient_synchronization) add up to 4 x n_params bytes, n_params from the model's
     shapes; plus one 4-byte all-reduce of the logged loss, outside any phase.
@@ -12,13 +12,19 @@ What is counted, per rank and per optimizer step (records of DIR/rank{N}.jsonl, 
     (grad norm, optimizer phase) and 1 over dp (logged loss).
   step05, pp=2: B*T*D float32 sent forward per micro-batch and back per micro-batch, and each
     stage's forward/backward order = the schedule's event list.
-Tracing must not change a single number: step03's losses with and without --trace-dir are equal.
-A step folder can be replaced by $COURSE_STEP0N_DIR (e.g. a scratch copy) as in the other tests.
+  step02, dp=2: DataParallel's facts, read from the trace: one all-reduce per bucket, in bucket
+    order (last layers first), none before the last micro-batch, and the first one issued while
+    later modules' backward still runs (it overlaps); with one huge bucket (the control) the one
+    all-reduce waits for the very end of backward.
+Recording must not change a single number: a learner's modified copy of step03, recorded, logs
+the losses of step03 run plainly. No step folder holds tracing code. A step folder can be
+replaced by $COURSE_STEP0N_DIR as in the other tests.
 (run_step is given a tag: its default tag is built from the step, an absolute path here.)
 """
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -26,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import REPO, TINY, run_step, torchrun
+from launch import REPO, STEPS, TINY, TRACER, run_step, torchrun
 
 
 def step_dir(name):
@@ -42,11 +48,6 @@ def load_module(path, name):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def need(step):
-    if not step.is_dir():
-        pytest.skip(f"{step.name} does not exist yet")
 
 
 def read(trace_dir):
@@ -72,27 +73,22 @@ def tiny_n_params(step):
 
 
 # ---------------------------------------------------------------- without processes
-def test_off_patches_nothing():
-    need(STEP02)
-    import torch.distributed as dist
-
-    mod = load_module(STEP02 / "comm_trace.py", "comm_trace_off")
-    before = {n: getattr(dist, n) for n in ("all_reduce", "isend", "batch_isend_irecv")}
-    tracer = mod.CommTracer(None, pgm=None)
-    assert tracer.watch(torch.nn.Linear(2, 2)) is tracer
-    with tracer.phase("optimizer"):
-        tracer.step(0)
-    tracer.close()
-    assert {n: getattr(dist, n) for n in before} == before
+def test_no_step_holds_tracing_code():
+    for step in STEPS:
+        for f in (REPO / step).rglob("*.py"):
+            text = f.read_text()
+            for word in ("CommTracer", "trace_dir", "--trace-dir", "comm_trace"):
+                assert word not in text, f"{f} mentions {word}: recording lives in notebooks/trace.py"
 
 
 # ---------------------------------------------------------------- every op, on 4 ranks
 WORKER = r'''
-import sys
-sys.path.insert(0, sys.argv[1])
+import importlib.util, sys
 import torch, torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
-from comm_trace import CommTracer
+spec = importlib.util.spec_from_file_location("course_trace", sys.argv[1])
+course_trace = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(course_trace)
 
 dist.init_process_group("gloo")
 r = dist.get_rank()
@@ -109,8 +105,10 @@ for name, rows in (("dp", [[0, 2], [1, 3]]), ("pp", [[0, 1], [2, 3]])):
         if r in ranks:
             setattr(pgm, name + "_group", g)
 pgm.dp_rank, pgm.pp_rank = r // 2, r % 2
+pgm.dp_size, pgm.pp_size = 2, 2
 original = dist.all_reduce
-tracer = CommTracer(sys.argv[2], pgm)
+tracer = course_trace.CommTracer(sys.argv[2])
+tracer.set_pgm(pgm)
 tracer.step(0)
 peer = r ^ 1  # the other stage of my pipeline
 dist.all_reduce(torch.ones(10), group=pgm.dp_group)
@@ -142,10 +140,9 @@ print("OPS_OK")
 
 
 def test_every_op_is_recorded(tmp_path):
-    need(STEP02)
     script = tmp_path / "ops.py"
     script.write_text(WORKER)
-    proc = torchrun(script, 4, [STEP02, tmp_path / "trace"], timeout=120)
+    proc = torchrun(script, 4, [TRACER, tmp_path / "trace"], timeout=120)
     assert proc.stdout.count("OPS_OK") == 4
     for rank, recs in read(tmp_path / "trace").items():
         meta = recs[0]
@@ -170,14 +167,35 @@ def test_every_op_is_recorded(tmp_path):
 
 
 # ---------------------------------------------------------------- step02: dp buckets
-def test_step02_dp_bytes_are_4x_params(tmp_path):
-    need(STEP02)
-    n_params, _ = tiny_n_params(STEP02)
+def bucket_sizes(n_params_by_tensor, cap_bytes):
+    """DataParallel's bucketing, from its documented rule: tensors in reverse order, a bucket closes
+    once it holds >= cap bytes. -> bytes per bucket, in bucket order."""
+    sizes, cur = [], 0
+    for n in reversed(n_params_by_tensor):
+        cur += 4 * n
+        if cur >= cap_bytes:
+            sizes, cur = sizes + [cur], 0
+    return sizes + ([cur] if cur else [])
+
+
+def tiny_tensors(c):
+    """Element counts of the tiny Llama's parameters in registration order (untied)."""
+    D, I, V, H, Hkv = (c[k] for k in ("hidden_size", "intermediate_size", "vocab_size", "num_attention_heads",
+                                     "num_key_value_heads"))
+    hd = D // H
+    layer = [D, H * hd * D, Hkv * hd * D, Hkv * hd * D, D * H * hd, D, I * D, I * D, D * I]
+    return [V * D, *layer * c["num_hidden_layers"], D, V * D]
+
+
+@pytest.mark.parametrize("bucket_mb", [0.1, 100.0], ids=["buckets", "one-bucket"])
+def test_step02_dp_buckets_from_the_trace(bucket_mb, tmp_path):
+    n_params, c = tiny_n_params(STEP02)
     steps, grad_acc = 2, 2
     run_step(str(STEP02), 2, [*TINY, "--max-steps", steps, "--grad-acc-steps", grad_acc, "--dp", 2,
-                              "--bucket-size-mb", "0.1", "--trace-dir", tmp_path / "trace"], tmp_path, tag="traced")
+                              "--bucket-size-mb", bucket_mb], tmp_path, tag="traced", trace=tmp_path / "trace")
     trace = read(tmp_path / "trace")
     assert sorted(trace) == [0, 1]
+    want = bucket_sizes(tiny_tensors(c), bucket_mb * 2**20)
     for step in range(steps):
         seqs = []
         for rank, recs in trace.items():
@@ -185,11 +203,17 @@ def test_step02_dp_bytes_are_4x_params(tmp_path):
             buckets = [r for r in rs if r["phase"] is not None]
             assert {(r["op"], r["dim"], r["ranks"] == [0, 1]) for r in rs} == {("all_reduce", "dp", True)}
             assert sum(r["bytes"] for r in buckets) == 4 * n_params, (rank, step, [r["bytes"] for r in buckets])
-            assert len(buckets) > 2  # 0.1 MB buckets: several
+            assert [r["bytes"] for r in sorted(buckets, key=lambda r: r["seq"])] == want  # bucket order
             assert all(r["async"] and r["sent"] == r["bytes"] for r in buckets)  # 2(n-1)/n = 1 for n = 2
-            # no communication in the accumulation micro-batch; the buckets overlap the last backward
+            # no communication in the accumulation micro-batch; the buckets go during the last backward
             assert {(r["phase"], r["mb"]) for r in buckets} <= {("backward", grad_acc - 1), ("optimizer", 0)}
-            assert any(r["phase"] == "backward" for r in buckets)
+            first = min(buckets, key=lambda r: r["seq"])
+            layer0 = [s for s in recs if s["ev"] == "span" and s["step"] == step and s["phase"] == "backward"
+                      and s["module"] == "layers.0" and s["mb"] == grad_acc - 1]
+            if len(want) > 2:  # overlap: on the wire before the first layer's backward even began
+                assert first["t0"] < layer0[0]["t0"], (first, layer0)
+            else:  # control: one bucket is complete only with the embedding's grad, after every layer
+                assert first["t0"] > layer0[0]["t1"], (first, layer0)
             logged = [r for r in rs if r["phase"] is None]
             assert [r["bytes"] for r in logged] == [4]  # the logged loss
             seqs.append([(r["op"], r["bytes"]) for r in sorted(rs, key=lambda r: r["seq"])])
@@ -197,13 +221,18 @@ def test_step02_dp_bytes_are_4x_params(tmp_path):
 
 
 # ---------------------------------------------------------------- step03: tp all-reduces
-def test_step03_tp_allreduces_per_layer(tmp_path):
-    need(STEP03)
+def test_step03_tp_allreduces_per_layer_of_a_modified_copy(tmp_path):
+    """The recorder needs no change in the step: here it records a learner's edited copy."""
     _, c = tiny_n_params(STEP03)
     L, D = c["num_hidden_layers"], c["hidden_size"]
     B, T, grad_acc, steps = 2, 32, 2, 2
-    args = [*TINY, "--max-steps", steps, "--grad-acc-steps", grad_acc, "--tp", 2]
-    traced = run_step(str(STEP03), 2, [*args, "--trace-dir", tmp_path / "trace"], tmp_path, tag="traced")
+    copy = tmp_path / "my_step03"
+    shutil.copytree(STEP03, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    train = copy / "train.py"
+    train.write_text(train.read_text().replace('print(f"model {args.model}', 'print(f"my copy: model {args.model}'))
+    args = [*TINY, "--max-steps", steps, "--grad-acc-steps", grad_acc, "--tp", 2,
+            "--dataset", REPO / "data" / "pydoc_topics.jsonl", "--tokenizer", REPO / "data" / "tokenizer"]
+    traced = run_step(str(copy), 2, args, tmp_path, tag="traced", trace=tmp_path / "trace")
     plain = run_step(str(STEP03), 2, args, tmp_path, tag="plain")
     assert [m["loss"] for m in traced] == [m["loss"] for m in plain]  # hooks and wrappers change no number
     x = B * T * D * 4
@@ -232,12 +261,11 @@ def test_step03_tp_allreduces_per_layer(tmp_path):
 # ---------------------------------------------------------------- step05: pipeline p2p
 @pytest.mark.parametrize("engine", ["afab", "1f1b"])
 def test_step05_pipeline_sends_and_order(engine, tmp_path):
-    need(STEP05)
     _, c = tiny_n_params(STEP05)
     pp_mod = load_module(STEP05 / "pipeline_parallel.py", "pp_for_trace")
     B, T, D, m, pp = 2, 32, c["hidden_size"], 4, 2
     run_step(str(STEP05), pp, [*TINY, "--max-steps", 1, "--grad-acc-steps", m, "--pp", pp,
-                               "--pp-engine", engine, "--trace-dir", tmp_path / "trace"], tmp_path, tag="traced")
+                               "--pp-engine", engine], tmp_path, tag="traced", trace=tmp_path / "trace")
     for stage, recs in read(tmp_path / "trace").items():
         p2p = [r for r in comms(recs, 0) if r["op"] in ("isend", "irecv")]
         assert {r["dim"] for r in p2p} == {"pp"} and {r["peer"] for r in p2p} == {1 - stage}

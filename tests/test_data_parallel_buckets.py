@@ -6,6 +6,7 @@ Proves, on 2 and 4 ranks with a tiny tied-embedding MLP LM and several buckets:
   2. no all-reduce is launched before the last micro-batch;
   3. overlap: the first bucket's all-reduce is launched while other parameters still wait
      for their grads, i.e. before backward ends (and a single bucket cannot do that).
+What is counted is observed from outside DataParallel (see the worker).
 Set COURSE_DP_DIR to test a data_parallel.py outside step02_data_parallel.
 """
 import json
@@ -44,11 +45,9 @@ def test_one_allreduce_per_bucket_only_on_last_microbatch(results):
             assert cfg["n_buckets"] > 1 or name == "one_bucket"
             for s in cfg["steps"]:
                 assert s["calls_before_last"] == 0, f"{name}: all-reduce during accumulation"
-                st = s["stats"]
-                assert s["calls_in_step"] == st["allreduces"] == cfg["n_buckets"]
-                assert st["order"] == list(range(cfg["n_buckets"]))
-                assert st["bytes"] == 4 * cfg["n_params"]  # fp32, tied weight sent once
-                assert s["handles_kept"], f"{name}: a finished all-reduce work was dropped"
+                assert s["calls_in_step"] == len(s["launches"]) == cfg["n_buckets"]
+                assert [b for b, _, _ in s["launches"]] == list(range(cfg["n_buckets"]))  # in bucket order
+                assert sum(n for _, n, _ in s["launches"]) == 4 * cfg["n_params"]  # fp32, tied weight sent once
 
 
 def test_allreduce_overlaps_backward(results):
@@ -56,11 +55,11 @@ def test_allreduce_overlaps_backward(results):
         for name in OVERLAPPED:
             for s in res[name]["steps"]:
                 # params still without a final grad when bucket 0 went on the wire
-                assert s["stats"]["pending_at_launch"][0] > 0, name
+                assert s["launches"][0][2] > 0, name
                 # buckets already in flight when the first block's weight got its grad
                 assert s["launched_before_first_layer"] > 0, name
         for s in res["one_bucket"]["steps"]:  # control: the checks above can fail
-            assert s["stats"]["pending_at_launch"] == [0]
+            assert [pending for _, _, pending in s["launches"]] == [0]
             assert s["launched_before_first_layer"] == 0
 
 
@@ -70,4 +69,4 @@ def test_single_rank_does_no_communication(tmp_path):
     for name, cfg in res.items():
         for s in cfg["steps"]:
             assert s["grad_err"] < 1e-6 and s["param_err"] < 1e-6, name
-            assert s["calls_in_step"] == 0 and s["stats"]["allreduces"] == 0, name
+            assert s["calls_in_step"] == 0 and s["launches"] == [], name

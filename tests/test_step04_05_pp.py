@@ -21,9 +21,9 @@ def with_ga(ga, *extra):
 ])
 def test_pp_equals_step01(step, pp, ga, engine, tmp_path_factory):
     layout = ["--pp", pp] + (["--pp-engine", engine] if engine else [])
-    got = assert_matches_step01(step, pp, with_ga(ga), layout, ref_grad_acc=ga,
-                                workdir=tmp_path_factory.getbasetemp())
-    peaks = got[-1]["pp_peak_inflight"]
+    _, summary = assert_matches_step01(step, pp, with_ga(ga), layout, ref_grad_acc=ga,
+                                       workdir=tmp_path_factory.getbasetemp())
+    peaks = summary["pp_peak_inflight"]  # gathered once, at the end of the run
     assert len(peaks) == pp
     if (engine or "afab") == "afab":
         assert peaks == [ga] * pp  # every micro-batch is alive before the first backward

@@ -166,7 +166,7 @@ def test_crash_while_saving_keeps_latest_on_the_previous_checkpoint(pp2_ckpt, tm
 @pytest.mark.parametrize("damage, expect", [
     ("missing", "checkpoint step_000006: rank00001.safetensors is missing"),
     ("truncated", "checkpoint step_000006: rank00000.safetensors is truncated or changed"),
-    ("layout", "checkpoint step_000006 was written with dp=1 tp=1 pp=2 cp=1; resume with that layout"),
+    ("layout", "checkpoint step_000006 was written with dp=1 pp=2 cp=1 tp=1; resume with that layout"),
 ])
 def test_bad_checkpoint_is_one_clear_line(pp2_ckpt, tmp_path, damage, expect):
     d, args, _ = pp2_ckpt

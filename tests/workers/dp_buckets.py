@@ -6,16 +6,18 @@ writes OUT_DIR/rank{r}.json with what the test asserts on:
   grad_err / param_err   max |dp - single process on the whole global batch|
   calls_before_last      dist.all_reduce calls made during the accumulation micro-batches
   calls_in_step          dist.all_reduce calls made in the whole step
-  stats                  DataParallel.last_stats of each step
-  launched_before_first_layer  all-reduces already launched when the FIRST block's weight
-                               got its final grad (> 0: communication overlaps backward)
-  handles_kept           every bucket still references its finished all-reduce work
+  launches               per all-reduce of the step, in issue order: the index of the bucket whose
+                         buffer it reduces, its bytes, and how many parameters had no final grad
+                         yet when it was issued (> 0: it overlaps the rest of backward)
+  launched_before_first_layer  all-reduces already issued when the FIRST block's weight got
+                               its final grad (> 0: communication overlaps backward)
+All of it is observed from outside DataParallel: a wrapper around dist.all_reduce and
+post-accumulate-grad hooks of the worker's own.
 """
 import copy
 import json
 import os
 import sys
-import weakref
 from pathlib import Path
 
 import torch
@@ -61,14 +63,18 @@ def ce(logits, y):
     return F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))  # (B*T, V), (B*T,)
 
 
-# Count every dist.all_reduce call, independently of DataParallel's own stats.
+# Count every dist.all_reduce call and note what it reduces, from outside DataParallel.
 CALLS = [0]
+LAUNCHES = []  # (bucket index, bytes, parameters still without a final grad) per call
+WATCH = {"buffers": {}, "pending": 0}  # data_ptr of each bucket buffer -> index; grads not yet final
 _all_reduce = dist.all_reduce
 
 
-def counting_all_reduce(*a, **k):
+def counting_all_reduce(tensor, *a, **k):
     CALLS[0] += 1
-    return _all_reduce(*a, **k)
+    LAUNCHES.append((WATCH["buffers"].get(tensor.data_ptr()), tensor.numel() * tensor.element_size(),
+                     WATCH["pending"]))
+    return _all_reduce(tensor, *a, **k)
 
 
 dist.all_reduce = counting_all_reduce
@@ -87,17 +93,20 @@ def run(grad_acc, mode, bucket_mb, rank, world, steps=2):
     torch.manual_seed(0)
     model = TinyLM()
     ref = copy.deepcopy(model)  # single-process reference on the whole global batch
-    dp = DataParallel(model, group=dist.group.WORLD, bucket_size_mb=bucket_mb)
-
-    probe = {}
+    probe, sync = {}, [False]
     first_w = model.blocks[0].fc1.weight  # registered early -> its grad is final late
 
-    dp_ref = weakref.ref(dp)  # a strong reference in a parameter hook would keep dp (and its group) alive
+    def grad_final(p):  # registered before DataParallel's hooks, so it runs first
+        if sync[0]:
+            WATCH["pending"] -= 1
+            if p is first_w:
+                probe["launched"] = CALLS[0]
 
-    def first_layer_hook(p):
-        if dp_ref().require_backward_grad_sync:
-            probe["launched"] = dp_ref().stats["allreduces"]
-    first_w.register_post_accumulate_grad_hook(first_layer_hook)
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(grad_final)
+    dp = DataParallel(model, group=dist.group.WORLD, bucket_size_mb=bucket_mb)
+    WATCH["buffers"] = {b.buffer.data_ptr(): b.index for b in dp.buckets}
+    n_tensors = sum(1 for _ in model.parameters())
 
     out = {"n_buckets": len(dp.buckets), "steps": []}
     G = MBS * grad_acc * world
@@ -107,9 +116,11 @@ def run(grad_acc, mode, bucket_mb, rank, world, steps=2):
         inp, tgt = x[:, :-1], x[:, 1:]  # (G, T)
         mine = slice(rank * G // world, (rank + 1) * G // world)
         CALLS[0] = 0
+        LAUNCHES.clear()
         calls_before_last = 0
         for m in range(grad_acc):
-            dp.require_backward_grad_sync = m == grad_acc - 1
+            dp.require_backward_grad_sync = sync[0] = m == grad_acc - 1
+            WATCH["pending"] = n_tensors
             rows = slice(mine.start + m * MBS, mine.start + (m + 1) * MBS)
             logits = dp(inp[rows])
             if mode == "loss":
@@ -120,10 +131,8 @@ def run(grad_acc, mode, bucket_mb, rank, world, steps=2):
                 torch.autograd.backward([logits], [detached.grad])
             if m < grad_acc - 1:
                 calls_before_last += CALLS[0]
-        stats = dp.finish_gradient_synchronization()
-        # Python must keep the finished works (see Bucket.handle): if gloo's worker thread
-        # dropped the last reference of one launched in backward at exit, the process aborts.
-        handles_kept = all(b.handle is not None and b.handle.is_completed() for b in dp.buckets)
+        dp.finish_gradient_synchronization()
+        sync[0] = False
 
         ce(ref(inp), tgt).backward()
         grad_err = max((a.grad - b.grad).abs().max().item()
@@ -132,9 +141,8 @@ def run(grad_acc, mode, bucket_mb, rank, world, steps=2):
         sgd_step(ref.parameters())
         param_err = max((a - b).abs().max().item()
                         for a, b in zip(model.parameters(), ref.parameters()))
-        out["steps"].append(dict(grad_err=grad_err, param_err=param_err, stats=stats,
+        out["steps"].append(dict(grad_err=grad_err, param_err=param_err, launches=list(LAUNCHES),
                                  calls_before_last=calls_before_last, calls_in_step=CALLS[0],
-                                 handles_kept=handles_kept,
                                  launched_before_first_layer=probe.pop("launched", None)))
     out["n_params"] = sum(p.numel() for p in model.parameters())
     out["tied"] = model.head.weight is model.embed.weight

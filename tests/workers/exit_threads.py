@@ -1,6 +1,6 @@
 """Run a step's train.py as torchrun does (as __main__) and count gloo's worker threads.
 
-    torchrun --nproc_per_node N tests/workers/exit_threads.py STEP/train.py OUT_DIR [train args]
+    torchrun --nproc_per_node N tests/workers/exit_threads.py SCRIPT OUT_DIR [script args]
 
 Writes OUT_DIR/rank{R}.json with the number of live `pt_gloo_runloop` threads when train.py
 calls destroy_process_group() (gloo threads exist then: the count is real) and after train.py

@@ -36,8 +36,9 @@ class Grid:
     """Minimal process-group manager: ranks laid out as arange(world).view(dp, pp)."""
 
     def __init__(self, dp, pp_size):
-        rank = dist.get_rank()
-        grid = torch.arange(dist.get_world_size()).view(dp, pp_size)  # (dp, pp)
+        rank = self.rank = dist.get_rank()
+        grid = self.grid = torch.arange(dist.get_world_size()).view(dp, pp_size)  # (dp, pp)
+        self.sizes = {"dp": dp, "pp": pp_size}
         (d, s), = (grid == rank).nonzero().tolist()
         self.dp_size, self.dp_rank, self.pp_size, self.pp_rank = dp, d, pp_size, s
         self.pp_prev_rank = int(grid[d, s - 1]) if s > 0 else None
