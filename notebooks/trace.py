@@ -10,9 +10,9 @@ the recorder wraps, from the outside:
     dist.xxx at call time, so replacing the module attributes is enough);
   - the step's ProcessGroupManager.__init__, to name each group after its dimension (pgm.tp_group
     -> "tp") and write this rank's coordinates;
-  - module forward hooks (global ones: the model need not be known in advance) on the first
-    module that looks like the course's Llama (it has .model.layers, an nn.ModuleDict), its
-    decoder layers, their self_attn and mlp blocks, embed_tokens and lm_head;
+  - module forward hooks on the first module that looks like the course's Llama (it has
+    .model.layers, an nn.ModuleDict; a global hook finds it at its first call), its decoder
+    layers, their self_attn and mlp blocks, embed_tokens and lm_head;
   - optimizer step hooks, the step's lr_at (called at the top of every optimizer step with its
     number) and, where the step has one, DataParallel.finish_gradient_synchronization and
     clip_grad_norm_ (the "optimizer" phase runs from the first of these to optimizer.step()).
@@ -105,8 +105,8 @@ class CommTracer:
         self.seq, self.batch, self.step_no, self.stack, self.counts, self.pending = 0, 0, None, [], {}, {}
         self.meta_written, self.closed, self.opt_span, self.pgm = False, False, None, None
         self.watched, self.open = {}, {}  # id(module) -> (name, top, backward); -> (open span, input)
-        nn.modules.module.register_module_forward_pre_hook(self._fwd_pre)
-        nn.modules.module.register_module_forward_hook(self._fwd_post)
+        # until the model is found, a global hook looks at every module's call (see _find_model)
+        self.finder = nn.modules.module.register_module_forward_pre_hook(self._find_model)
         self.local = threading.local()  # nesting depth: dist.send calls dist.isend inside
         self.saved = [(mod, name, getattr(mod, name)) for name in (*COLLECTIVES, *P2P, "batch_isend_irecv")
                       for mod in (dist, c10d) if hasattr(mod, name)]
@@ -315,17 +315,26 @@ class CommTracer:
         head = getattr(model, "lm_head", None)
         if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
             self.watched[id(head)] = ("lm_head", False, True)
+        for m in model.modules():
+            if id(m) in self.watched:
+                m.register_forward_pre_hook(self._fwd_pre)
+                m.register_forward_hook(self._fwd_post)
         return self
+
+    def _find_model(self, module, args):
+        """Global forward pre-hook: the first module that looks like the course's Llama is watched.
+        Then the hook goes (every module call paid for it); the hooks just registered on the model
+        miss its current call, so its forward span is opened here."""
+        if _looks_like_llama(module):
+            self.finder.remove()
+            self.watch(module)
+            self._fwd_pre(module, args)
 
     # A module's backward starts when the grad of its output arrives and ends when the grad of its
     # input is complete (tensor hooks: cheaper than module backward hooks, which add autograd
-    # nodes). The whole model's backward ends when the autograd pass ends. The forward hooks are
-    # global (every module's call passes here), so a model found during its first call is traced
-    # from that call on.
+    # nodes). The whole model's backward ends when the autograd pass ends.
     def _fwd_pre(self, module, args):
-        if not self.watched and _looks_like_llama(module):
-            self.watch(module)
-        if self.closed or id(module) not in self.watched:
+        if self.closed:
             return
         name, top, _ = self.watched[id(module)]
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
