@@ -38,6 +38,12 @@ Every rank appends one JSON object per line to DIR/rank{N}.jsonl:
        innermost open span when the op was issued (null: outside any).
   {"ev": "span", "phase", "module", "mb", "step", "t0", "t1"}  forward/backward of a watched
      module (micro-batch mb = how many times it ran before in this step), or a named phase.
+  {"ev": "mem", "step", "saved_peak", "saved_at_start", "saved_by_module"}  per step: the most
+     bytes autograd held at once for backward (saved tensors, counted once per storage, the
+     model's parameters not counted), what was still held when the step began, and the bytes
+     saved during the step by the innermost watched module (or phase) that saved them. Exact
+     and device-independent: a saved_tensors_hooks pack hook counts what each graph keeps until
+     the graph is freed.
 Records are buffered and written between steps, so that encoding them does not stretch the spans.
 """
 import atexit
@@ -94,6 +100,16 @@ class _TracedWork:
         return getattr(self._work, name)
 
 
+class _Saved:
+    """A tensor autograd keeps for backward; when the graph lets go of it, the count drops."""
+
+    def __init__(self, tensor, key, tracer):
+        self.tensor, self.key, self.tracer = tensor, key, tracer
+
+    def __del__(self):
+        self.tracer._release(self.key)
+
+
 class CommTracer:
     """Wraps torch.distributed while it is open; .watch(model), .step(n), .phase(name), .close()."""
 
@@ -105,6 +121,10 @@ class CommTracer:
         self.seq, self.batch, self.step_no, self.stack, self.counts, self.pending = 0, 0, None, [], {}, {}
         self.meta_written, self.closed, self.opt_span, self.pgm = False, False, None, None
         self.watched, self.open = {}, {}  # id(module) -> (name, top, backward); -> (open span, input)
+        self.params, self.held, self.live, self.peak, self.live_at_start = set(), {}, 0, 0, 0
+        self.by_module = {}  # module or phase -> bytes first saved there this step
+        # every graph of the run packs its saved tensors through these (outer-most) hooks
+        torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack).__enter__()
         # until the model is found, a global hook looks at every module's call (see _find_model)
         self.finder = nn.modules.module.register_module_forward_pre_hook(self._find_model)
         self.local = threading.local()  # nesting depth: dist.send calls dist.isend inside
@@ -261,6 +281,7 @@ class CommTracer:
         micro-batch counters restart."""
         if self.opt_span is not None:  # a phase the optimizer hook did not close
             self._end(self.opt_span)
+        self._mem_record()
         self.step_no, self.counts, self.stack, self.opt_span = step, {}, [], None
         self._meta()
         self._flush()
@@ -305,6 +326,7 @@ class CommTracer:
         """Spans for the forward and backward of `model` (a Llama), of each decoder layer, of their
         self_attn and mlp blocks and of lm_head; embed_tokens: forward only."""
         self.watched[id(model)] = ("model", True, True)
+        self.params |= {p.untyped_storage().data_ptr() for p in model.parameters()}
         if isinstance(getattr(model.model, "embed_tokens", None), nn.Module):
             self.watched[id(model.model.embed_tokens)] = ("embed_tokens", False, False)
         for i, layer in model.model.layers.items():
@@ -363,11 +385,46 @@ class CommTracer:
         if "span" in state:
             self._end(state.pop("span"))
 
+    # --- bytes saved for backward ---
+    def _pack(self, t):
+        key = t.untyped_storage().data_ptr()
+        if t.device.type == "meta" or key in self.params:  # weights are not activations
+            return t
+        n = self.held.get(key, (0, 0))[0]
+        if n == 0:
+            self.live += t.untyped_storage().nbytes()
+            self.peak = max(self.peak, self.live)
+            span = self.stack[-1] if self.stack else {}
+            where = span.get("module") or span.get("phase") or "other"
+            self.by_module[where] = self.by_module.get(where, 0) + t.untyped_storage().nbytes()
+        self.held[key] = (n + 1, t.untyped_storage().nbytes())
+        return _Saved(t, key, self)
+
+    def _release(self, key):
+        n, nbytes = self.held[key]
+        if n == 1:
+            del self.held[key]
+            self.live -= nbytes
+        else:
+            self.held[key] = (n - 1, nbytes)
+
+    @staticmethod
+    def _unpack(saved):
+        return saved.tensor if isinstance(saved, _Saved) else saved
+
+    def _mem_record(self):
+        if self.step_no is not None:
+            self._write({"ev": "mem", "step": self.step_no, "saved_peak": self.peak,
+                         "saved_at_start": self.live_at_start, "saved_by_module": self.by_module})
+        self.peak = self.live_at_start = self.live
+        self.by_module = {}
+
     def close(self):
         """Write what is still open and put torch.distributed back as it was."""
         if self.closed:
             return
         self.closed = True
+        self._mem_record()
         for rec in list(self.pending.values()):  # async ops nobody waited for: t1 stays null
             self._write(rec)
         for mod, name, fn in self.saved:

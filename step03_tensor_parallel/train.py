@@ -17,7 +17,8 @@ from data_parallel import DataParallel
 from data import DEFAULT_DATASET, DEFAULT_TOKENIZER, global_batch, load_sequences, load_tokenizer
 from model import Llama, init_weights, load_hf_weights, materialize
 from process_group_manager import ProcessGroupManager, init_distributed, shutdown_distributed
-from tensor_parallel import apply_tensor_parallel, check_tp_divisibility, vocab_parallel_cross_entropy
+from tensor_parallel import (allreduce_sequence_parallel_grads, apply_tensor_parallel, check_sp,
+                             check_tp_divisibility, vocab_parallel_cross_entropy)
 from utils import (Metrics, base_parser, clip_grad_norm_, die, dump_params, lr_at, make_config,
                    memory_gib, resolve_device_dtype)
 
@@ -26,6 +27,8 @@ def main():
     # --- command line ---
     parser = base_parser("Step 03: tensor-parallel (+ data-parallel) training")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--sp", action="store_true", help="sequence parallelism: split the activations "
+                                                          "between blocks along the sequence over tp")
     parser.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world size)")
     parser.add_argument("--bucket-size-mb", type=float, default=25.0, help="gradient all-reduce bucket size")
     args = parser.parse_args()
@@ -49,6 +52,8 @@ def main():
     config = make_config(args)
     try:
         check_tp_divisibility(config, args.tp)
+        if args.sp:
+            check_sp(args.seq_len, args.tp)
     except ValueError as e:
         die(str(e))
     with torch.device("meta"):  # shapes only: no memory, no time spent on a throw-away init
@@ -56,7 +61,7 @@ def main():
     # --- tensor parallel ---
     # Swap q/k/v/gate/up (column) and o/down (row), embedding and head (vocab) for tp shards.
     if pgm.tp_size > 1:
-        apply_tensor_parallel(model, pgm.tp_group)
+        apply_tensor_parallel(model, pgm.tp_group, sp=args.sp)
     materialize(model, device)
     init_weights(model, args.seed)
     if os.path.isdir(args.model) and any(f.endswith(".safetensors") for f in os.listdir(args.model)):
@@ -130,6 +135,8 @@ def main():
         loss_sum = forward_backward(local_micro_batches(step))
 
         model.finish_gradient_synchronization()  # wait for the buckets: grads are the dp average
+        if args.sp:  # each tp rank's norms saw only its T/tp tokens: all-reduce their grads over tp
+            allreduce_sequence_parallel_grads(model, pgm.tp_group)
         grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip, pgm.mp_group)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

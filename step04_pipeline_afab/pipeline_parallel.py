@@ -147,13 +147,16 @@ SCHEDULES = {
 
 
 # ------------------------------------------------------------ the executor
-def train_step(model, micro_batches, pgm, loss_fn, grad_acc, autocast, schedule="afab", position_ids=None):
+def train_step(model, micro_batches, pgm, loss_fn, grad_acc, autocast, schedule="afab", seq_shards=1,
+               position_ids=None):
     """Run this stage's part of one optimizer step; return (loss_sum, peak_inflight).
 
     model: this stage's Llama, maybe in DataParallel. micro_batches: this dp rank's grad_acc
     (x, y) pairs of (mbs, T) token ids, on every stage (the first feeds x, the last scores y).
     autocast: a context manager instance as in step01 (torch.autocast(...) or nullcontext()),
-    entered once per forward (forwards never nest). schedule: a key of SCHEDULES.
+    entered once per forward (forwards never nest). schedule: a key of SCHEDULES. seq_shards:
+    the activations between stages are split along T into this many pieces (--sp: tp), so a
+    message is (mbs, T/seq_shards, D). position_ids: those of the tokens, (mbs, T) (default: 0..T-1).
     Grads accumulate in p.grad. loss_sum: sum of the micro-batch losses on the last stage, 0
     elsewhere; peak_inflight: most micro-batches whose activations were alive at once here.
 
@@ -176,12 +179,16 @@ def train_step(model, micro_batches, pgm, loss_fn, grad_acc, autocast, schedule=
         buf = None
         if then is not None and not (then[0] == "F" and first) and not (then[0] == "B" and last):
             x = micro_batches[then[1]][0]
-            buf = torch.empty(*x.shape[:2], hidden, dtype=torch.float32, device=x.device)  # (mbs, T, D)
+            buf = torch.empty(x.shape[0], x.shape[1] // seq_shards, hidden, dtype=torch.float32,
+                              device=x.device)  # (mbs, T/seq_shards, D)
         forward = then is not None and then[0] == "F"
         pipeline_p2p(pgm, send_next, send_prev, recv_prev=buf if forward else None,
                      recv_next=None if forward else buf)
         return buf
 
+    if position_ids is None:  # a later stage gets hidden states, maybe split along T: not their length
+        x0 = micro_batches[0][0]
+        position_ids = torch.arange(x0.shape[1], device=x0.device).expand(x0.shape[0], -1)  # (mbs, T)
     loss_sum = torch.zeros((), device=micro_batches[0][0].device)
     stash, peak = {}, 0  # micro -> (stage input, backward root): the activations kept alive
     received = exchange(events[0])

@@ -28,6 +28,19 @@ Memory: weights, grads and optimizer states of the linears/embedding are 1/tp pe
 weights stay replicated); activations inside attention/MLP are 1/tp; the (B, T, D) activations
 between blocks are replicated. The logits are never gathered: (B, T, V/tp) per rank.
 
+Sequence parallelism (--sp; Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+Transformer Models", Sec. 4.2.2) splits what lies between the blocks along the sequence: the
+residual stream, the norms and what autograd saves for them are (B, T/tp, D) per rank. Entering a
+block, an all-gather along T rebuilds the (B, T, D) its column linears read (their g; backward:
+reduce-scatter); leaving it, a reduce-scatter along T replaces the all-reduce of the row-parallel
+partial sums (their g-bar; backward: all-gather). The embedding's output is reduce-scattered and
+lm_head's input all-gathered. A ring all-reduce is a reduce-scatter followed by an all-gather,
+so the bytes are those of the all-reduces they replace: (tp-1)/tp * B*T*D sent per rank for
+each. Memory saved per rank and layer: (tp-1)/tp of the (B, T, D) activations the norms and the
+residual keep (the gathered block input is still saved whole, for the linears' weight grads),
+and of every pipeline message. The norm weights now see T/tp tokens on each rank, so their
+grads are partial sums over the sequence: allreduce_sequence_parallel_grads sums them over tp.
+
 Reference: Shoeybi et al. 2019, "Megatron-LM: Training Multi-Billion Parameter Language
 Models Using Model Parallelism", arXiv:1909.08053.
 """
@@ -105,18 +118,19 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T, W (out, in) split by rows: this rank owns out/tp output features.
     Input x (..., in) replicated -> output (..., out/tp), sharded on the last dim."""
 
-    def __init__(self, in_features, out_features, group, device=None, copy_input=True):
+    def __init__(self, in_features, out_features, group, device=None, copy_input=True, sp=False):
         super().__init__()
         rank, size = _rank_size(group)
         assert out_features % size == 0, f"tp={size} does not divide out_features={out_features}"
         self.group, self.in_features, self.out_features = group, in_features, out_features
         self.copy_input = copy_input  # False: the block's entry already applied f
+        self.sp = sp  # --sp: the input is (..., T/tp, in), all-gathered along T instead of f
         self.weight = nn.Parameter(torch.empty(out_features // size, in_features, device=device))
         self.weight.shard = (0, rank, size)  # local = full.chunk(size, 0)[rank]
 
     def forward(self, x):
         if self.copy_input:
-            x = copy_to_tp(x, self.group)
+            x = gather_sequence(x, self.group) if self.sp else copy_to_tp(x, self.group)
         return F.linear(x, self.weight)  # (..., out/tp)
 
     def extra_repr(self):
@@ -127,16 +141,19 @@ class RowParallelLinear(nn.Module):
     """y = x W^T, W (out, in) split by columns: this rank owns in/tp input features.
     Input x (..., in/tp) sharded (a column-parallel output) -> output (..., out) replicated."""
 
-    def __init__(self, in_features, out_features, group, device=None):
+    def __init__(self, in_features, out_features, group, device=None, sp=False):
         super().__init__()
         rank, size = _rank_size(group)
         assert in_features % size == 0, f"tp={size} does not divide in_features={in_features}"
         self.group, self.in_features, self.out_features = group, in_features, out_features
+        self.sp = sp  # --sp: reduce-scatter along T instead of g's all-reduce
         self.weight = nn.Parameter(torch.empty(out_features, in_features // size, device=device))
         self.weight.shard = (1, rank, size)  # local = full.chunk(size, 1)[rank]
 
     def forward(self, x):
         partial = F.linear(x, self.weight)  # (..., out): this rank's partial sum over in/tp
+        if self.sp:  # (B, T, out) partial sums -> (B, T/tp, out) summed: this rank's tokens
+            return scatter_sequence(partial, self.group)
         return reduce_from_tp(partial, self.group)  # g: all-reduce over tp -> full y on every rank
 
     def extra_repr(self):
@@ -147,11 +164,12 @@ class VocabParallelEmbedding(nn.Module):
     """Embedding table (V, D) split by rows: this rank owns ids [rank*V/tp, (rank+1)*V/tp).
     Ids outside that range give zeros; the all-reduce over tp fills in every row."""
 
-    def __init__(self, num_embeddings, embedding_dim, group, device=None):
+    def __init__(self, num_embeddings, embedding_dim, group, device=None, sp=False):
         super().__init__()
         rank, size = _rank_size(group)
         assert num_embeddings % size == 0, f"tp={size} does not divide vocab={num_embeddings}"
         self.group, self.num_embeddings, self.embedding_dim = group, num_embeddings, embedding_dim
+        self.sp = sp  # --sp: reduce-scatter along T instead of g's all-reduce
         self.weight = nn.Parameter(torch.empty(num_embeddings // size, embedding_dim, device=device))
         self.weight.shard = (0, rank, size)
         self.vocab_start = rank * (num_embeddings // size)
@@ -161,6 +179,8 @@ class VocabParallelEmbedding(nn.Module):
         outside = (ids < lo) | (ids >= hi)  # (B, T)
         local = (ids - lo).masked_fill(outside, 0)  # any valid row; zeroed below
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (B, T, D)
+        if self.sp:  # reduce-scatter along T over tp: (B, T/tp, D), this rank's tokens
+            return scatter_sequence(out, self.group)
         return reduce_from_tp(out, self.group)  # g, all-reduce over tp: exactly one rank is non-zero
 
     def extra_repr(self):
@@ -228,10 +248,11 @@ def check_tp_divisibility(config, tp):
                              f"use --tp {_choices(shapes.values())}{pad}")
 
 
-def apply_tensor_parallel(model, group):
+def apply_tensor_parallel(model, group, sp=False):
     """Swap the Llama's linears/embedding for tp-sharded ones, in place (meta model is fine).
     After this, model(x) returns logits (B, T, V/tp): use vocab_parallel_cross_entropy for the
-    loss. Modules that are missing, None or nn.Identity are skipped (step04: a pipeline stage)."""
+    loss. Modules that are missing, None or nn.Identity are skipped (step04: a pipeline stage).
+    sp: sequence parallelism (see the module docstring)."""
     _, tp = _rank_size(group)
     check_tp_divisibility(model.config, tp)  # before touching anything
 
@@ -241,21 +262,22 @@ def apply_tensor_parallel(model, group):
             assert old.bias is None, f"{name}: tensor-parallel linears here have no bias"
             setattr(parent, name, cls(old.in_features, old.out_features, group, old.weight.device, **kw))
 
+    entry = GatherSequence if sp else CopyToTP  # --sp: the block's input arrives split along T
     for layer in model.model.layers.values():
-        layer.attn_entry = CopyToTP(group)  # f: q, k and v read the block's input
+        layer.attn_entry = entry(group)  # f: q, k and v read the block's input
         for name in ("q_proj", "k_proj", "v_proj"):  # split by heads
             swap(layer.self_attn, name, ColumnParallelLinear, copy_input=False)
-        swap(layer.self_attn, "o_proj", RowParallelLinear)
-        layer.mlp_entry = CopyToTP(group)  # f: gate and up read the block's input
+        swap(layer.self_attn, "o_proj", RowParallelLinear, sp=sp)
+        layer.mlp_entry = entry(group)  # f: gate and up read the block's input
         for name in ("gate_proj", "up_proj"):  # split by intermediate features
             swap(layer.mlp, name, ColumnParallelLinear, copy_input=False)
-        swap(layer.mlp, "down_proj", RowParallelLinear)
+        swap(layer.mlp, "down_proj", RowParallelLinear, sp=sp)
 
     emb = getattr(model.model, "embed_tokens", None)
     if isinstance(emb, nn.Embedding):
         model.model.embed_tokens = VocabParallelEmbedding(
-            emb.num_embeddings, emb.embedding_dim, group, emb.weight.device)
-    swap(model, "lm_head", ColumnParallelLinear)  # f on its input; logits stay sharded over the vocab
+            emb.num_embeddings, emb.embedding_dim, group, emb.weight.device, sp=sp)
+    swap(model, "lm_head", ColumnParallelLinear, sp=sp)  # f on its input; logits stay sharded over the vocab
     new_emb = getattr(model.model, "embed_tokens", None)
     if (model.config.tie_word_embeddings and isinstance(new_emb, VocabParallelEmbedding)
             and isinstance(getattr(model, "lm_head", None), ColumnParallelLinear)):
@@ -265,3 +287,92 @@ def apply_tensor_parallel(model, group):
         if not hasattr(p, "shard"):
             p.replicas = tp
     return model
+
+
+# ---------------------------------------------------------------- sequence parallel (--sp)
+def _all_gather_t(x, group):
+    """(B, T/tp, D) on each rank -> (B, T, D): rank r's tokens land at rows [r T/tp, (r+1) T/tp)."""
+    x = x.transpose(0, 1).contiguous()  # (T/tp, B, D): all_gather_into_tensor concatenates dim 0
+    out = x.new_empty(dist.get_world_size(group) * x.shape[0], *x.shape[1:])  # (T, B, D)
+    dist.all_gather_into_tensor(out, x, group=group)  # all-gather over tp
+    return out.transpose(0, 1).contiguous()  # (B, T, D); one copy here, not one in each linear reading it
+
+
+def _reduce_scatter_t(x, group):
+    """(B, T, D) partial sums on each rank -> (B, T/tp, D): the sum over tp of this rank's rows."""
+    x = x.transpose(0, 1).contiguous()  # (T, B, D)
+    out = x.new_empty(x.shape[0] // dist.get_world_size(group), *x.shape[1:])  # (T/tp, B, D)
+    dist.reduce_scatter_tensor(out, x, group=group)  # reduce-scatter (sum) over tp
+    return out.transpose(0, 1)  # (B, T/tp, D)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Korthikanti et al.'s g. Forward: all-gather along T. Backward: reduce-scatter along T (every
+    rank's linears used the whole sequence: their dL/dx are partial sums; keep this rank's rows)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_t(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_t(grad, ctx.group), None
+
+
+class _ScatterSequence(torch.autograd.Function):
+    """Korthikanti et al.'s g-bar. Forward: reduce-scatter along T (partial sums -> this rank's
+    summed tokens). Backward: all-gather along T (each rank holds dL/dy of its own tokens only)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_t(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_t(grad, ctx.group), None
+
+
+def gather_sequence(x, group):  # g of sequence parallelism
+    return x if _rank_size(group)[1] == 1 else _GatherSequence.apply(x, group)
+
+
+def scatter_sequence(x, group):  # g-bar of sequence parallelism
+    return x if _rank_size(group)[1] == 1 else _ScatterSequence.apply(x, group)
+
+
+class GatherSequence(nn.Module):
+    """--sp: a block's entry all-gathers its (B, T/tp, D) input along T, in place of f."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x):
+        return gather_sequence(x, self.group)
+
+    def extra_repr(self):
+        return "all-gather along T over tp forward, reduce-scatter backward"
+
+
+def check_sp(tokens, tp):
+    """Raise ValueError (one line) unless the `tokens` of a sequence on each rank split over tp."""
+    if tokens % tp:
+        raise ValueError(f"--sp splits the {tokens} tokens of a sequence on each rank over --tp {tp}, "
+                         f"which does not divide them; change --seq-len")
+
+
+def allreduce_sequence_parallel_grads(model, group):
+    """All-reduce (sum) over tp the grads of the weights every tp rank holds whole (the norm gains).
+
+    Under --sp each rank's norms saw only its T/tp tokens, so each of these grads is a partial
+    sum over the sequence; their sum is the grad of the whole sequence, then the same on every
+    rank. One flat all-reduce per step, after backward and before clipping."""
+    grads = [p.grad for p in model.parameters() if not hasattr(p, "shard") and p.grad is not None]
+    if not grads or _rank_size(group)[1] == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])  # (n,)
+    dist.all_reduce(flat, group=group)  # all-reduce (sum) over tp
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))

@@ -25,7 +25,8 @@ from mfu import MFU, add_mfu_args
 from model import Llama, init_weights, materialize
 from pipeline_parallel import apply_pipeline_parallel, check_pp, sync_tied_embeddings, train_step
 from process_group_manager import ProcessGroupManager, init_distributed, shutdown_distributed
-from tensor_parallel import apply_tensor_parallel, check_tp_divisibility, vocab_parallel_cross_entropy
+from tensor_parallel import (allreduce_sequence_parallel_grads, apply_tensor_parallel, check_sp,
+                             check_tp_divisibility, vocab_parallel_cross_entropy)
 from utils import (Metrics, base_parser, clip_grad_norm_, die, dump_params, lr_at, make_config,
                    memory_gib, resolve_device_dtype)
 
@@ -34,6 +35,8 @@ def main():
     # --- command line ---
     parser = base_parser("Step 07: 4D-parallel training (dp x pp x cp x tp)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--sp", action="store_true", help="sequence parallelism: split the activations "
+                                                          "between blocks along the sequence over tp")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (stages)")
     parser.add_argument("--pp-engine", choices=["afab", "1f1b"], default="1f1b", help="pipeline schedule")
     parser.add_argument("--cp", type=int, default=1, help="context-parallel size (sequence split)")
@@ -67,6 +70,8 @@ def main():
     config = make_config(args)
     try:
         check_tp_divisibility(config, args.tp)
+        if args.sp:
+            check_sp(args.seq_len // args.cp, args.tp)  # each cp rank holds T/cp tokens
         check_pp(config.num_hidden_layers, args.pp)
         check_cp(args.seq_len, args.cp)
     except ValueError as e:
@@ -76,7 +81,7 @@ def main():
     # --- tensor parallel ---
     # Swap q/k/v/gate/up (column) and o/down (row), embedding and head (vocab) for tp shards.
     if pgm.tp_size > 1:
-        apply_tensor_parallel(model, pgm.tp_group)
+        apply_tensor_parallel(model, pgm.tp_group, sp=args.sp)
     # --- pipeline parallel ---
     # Keep this stage's layers; the first stage embeds, the last one has the norm, head and loss.
     apply_pipeline_parallel(model, pgm)
@@ -172,12 +177,15 @@ def main():
         if pgm.pp_size > 1:  # the schedule runs every stage's forwards and backwards, passing activations
             loss_sum, peak = train_step(model, list(local_micro_batches(step)), pgm, loss_fn,
                                         args.grad_acc_steps, autocast, schedule=args.pp_engine,
+                                        seq_shards=pgm.tp_size if args.sp else 1,  # --sp: (mbs, T/tp, D) sent
                                         position_ids=position_ids)
             peak_inflight = max(peak_inflight, peak)  # micro-batches whose activations were alive at once
         else:
             loss_sum = forward_backward(local_micro_batches(step))
 
         model.finish_gradient_synchronization()  # wait for the buckets: grads are the dp average
+        if args.sp:  # each tp rank's norms saw only its T/tp tokens: all-reduce their grads over tp
+            allreduce_sequence_parallel_grads(model, pgm.tp_group)
         sync_tied_embeddings(model, pgm)  # all-reduce over {first, last stage}: the tied weight's two uses
         grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip, pgm.mp_group)
         crash_here("AT_STEP", step)  # tests: a job killed mid-step (grads computed, weights not yet updated)

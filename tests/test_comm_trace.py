@@ -10,8 +10,10 @@ What is counted, per rank and per optimizer step (records of DIR/rank{N}.jsonl, 
     loss: the vocab-parallel cross-entropy's 2 all-reduces (max: B*T, then 2*B*T floats),
     issued between the model's forward and backward (no phase); per step: 1 scalar over mp
     (grad norm, optimizer phase) and 1 over dp (logged loss).
-  step05, pp=2: B*T*D float32 sent forward per micro-batch and back per micro-batch, and each
-    stage's forward/backward order = the schedule's event list.
+  step03, tp=2 --sp: per layer 4 all-gathers and 4 reduce-scatters along T instead of the 4
+    all-reduces, the same bytes sent; the norm gains' grads summed over tp once per step.
+  step05, pp=2: B*T*D float32 sent forward per micro-batch and back per micro-batch (B*T/tp*D
+    with --sp), and each stage's forward/backward order = the schedule's event list.
   step02, dp=2: DataParallel's facts, read from the trace: one all-reduce per bucket, in bucket
     order (last layers first), none before the last micro-batch, and the first one issued while
     later modules' backward still runs (it overlaps); with one huge bucket (the control) the one
@@ -258,18 +260,67 @@ def test_step03_tp_allreduces_per_layer_of_a_modified_copy(tmp_path):
             assert where == want, (rank, step, where - want, want - where)
 
 
+def test_step03_sp_bytes_per_layer(tmp_path):
+    """--sp: per layer and micro-batch, 4 all-gathers + 4 reduce-scatters along T of B*T*D in place
+    of the 4 all-reduces; each sends (tp-1)/tp of its bytes, so the bytes on the wire do not grow.
+    What autograd saves outside the blocks shrinks by tp (the recorder's "mem" record)."""
+    _, c = tiny_n_params(STEP03)
+    L, D = c["num_hidden_layers"], c["hidden_size"]
+    B, T, grad_acc, tp = 2, 32, 2, 2
+    for sp in ([], ["--sp"]):
+        run_step(str(STEP03), tp, [*TINY, "--max-steps", 1, "--grad-acc-steps", grad_acc, "--tp", tp, *sp],
+                 tmp_path, tag=f"tp{sp}", trace=tmp_path / ("trace" if sp else "plain"))
+    # outside the blocks (norms, residual: the layer's own span) autograd keeps 1/tp of the bytes
+    mem = {k: next(r for r in recs if r["ev"] == "mem")["saved_by_module"]
+           for k, recs in (("plain", read(tmp_path / "plain")[0]), ("sp", read(tmp_path / "trace")[0]))}
+    for i in range(L):
+        assert mem["sp"][f"layers.{i}"] * tp == mem["plain"][f"layers.{i}"], mem
+        assert mem["sp"][f"layers.{i}.mlp"] == mem["plain"][f"layers.{i}.mlp"], mem  # inside: the same
+    x = B * T * D * 4
+    AG, RS = "all_gather_into_tensor", "reduce_scatter_tensor"
+    for rank, recs in read(tmp_path / "trace").items():
+        where, sent = Counter(), Counter()
+        for r in comms(recs, 0):
+            module = r["module"] or ""
+            layer = module.split(".")[1] if module.startswith("layers.") else module
+            where[(r["op"], r["phase"], layer, r["bytes"])] += 1
+            if layer.isdigit():
+                sent[layer] += r["sent"]
+                assert r["sent"] == r["bytes"] * (tp - 1) // tp, r
+        want = Counter()
+        for i in range(L):  # entries gather, row-parallel outputs reduce-scatter; backward the other way round
+            want[(AG, "forward", str(i), x)] = want[(RS, "forward", str(i), x)] = 2 * grad_acc
+            want[(RS, "backward", str(i), x)] = want[(AG, "backward", str(i), x)] = 2 * grad_acc
+        want[(RS, "forward", "embed_tokens", x)] = grad_acc  # the embedding's output: reduce-scatter
+        want[(AG, "backward", "model", x)] = grad_acc  # ... whose backward all-gathers (embed_tokens: no span)
+        want[(AG, "forward", "lm_head", x)] = want[(RS, "backward", "lm_head", x)] = grad_acc
+        want[("all_reduce", None, "", B * T * 4)] = grad_acc  # loss: the max over the vocab shards
+        want[("all_reduce", None, "", 2 * B * T * 4)] = grad_acc  # loss: sum of exp, target logit
+        want[("all_reduce", "optimizer", "", (2 * L + 1) * D * 4)] = 1  # the norm gains' grads over tp
+        want[("all_reduce", "optimizer", "", 4)] = 1  # squared grad norm (over mp)
+        want[("all_reduce", None, "", 4)] += 1  # logged loss
+        assert where == want, (rank, where - want, want - where)
+        # the same bytes on the wire as the 4 all-reduces of 2(tp-1)/tp x B*T*D per layer they replace
+        assert all(s == grad_acc * 4 * 2 * (tp - 1) * x // tp for s in sent.values()) and len(sent) == L, sent
+
+
 # ---------------------------------------------------------------- step05: pipeline p2p
-@pytest.mark.parametrize("engine", ["afab", "1f1b"])
-def test_step05_pipeline_sends_and_order(engine, tmp_path):
+@pytest.mark.parametrize("engine, tp", [("afab", 1), ("1f1b", 1), ("1f1b", 2)], ids=["afab", "1f1b", "1f1b-tp2-sp"])
+def test_step05_pipeline_sends_and_order(engine, tp, tmp_path):
+    """Per micro-batch, one (B, T, D) float32 message forward and one back; with --sp (B, T/tp, D)."""
     _, c = tiny_n_params(STEP05)
     pp_mod = load_module(STEP05 / "pipeline_parallel.py", "pp_for_trace")
     B, T, D, m, pp = 2, 32, c["hidden_size"], 4, 2
-    run_step(str(STEP05), pp, [*TINY, "--max-steps", 1, "--grad-acc-steps", m, "--pp", pp,
-                               "--pp-engine", engine], tmp_path, tag="traced", trace=tmp_path / "trace")
-    for stage, recs in read(tmp_path / "trace").items():
+    sp = ["--tp", tp, "--sp"] if tp > 1 else []
+    run_step(str(STEP05), pp * tp, [*TINY, "--max-steps", 1, "--grad-acc-steps", m, "--pp", pp, *sp,
+                                    "--pp-engine", engine], tmp_path, tag="traced", trace=tmp_path / "trace")
+    for rank, recs in read(tmp_path / "trace").items():
+        stage = rank // tp  # ranks (pp, tp), tp fastest
         p2p = [r for r in comms(recs, 0) if r["op"] in ("isend", "irecv")]
-        assert {r["dim"] for r in p2p} == {"pp"} and {r["peer"] for r in p2p} == {1 - stage}
-        assert Counter((r["op"], r["bytes"]) for r in p2p) == {("isend", B * T * D * 4): m, ("irecv", B * T * D * 4): m}
+        peer = (1 - stage) * tp + rank % tp
+        assert {r["dim"] for r in p2p} == {"pp"} and {r["peer"] for r in p2p} == {peer}
+        msg = B * (T // tp) * D * 4
+        assert Counter((r["op"], r["bytes"]) for r in p2p) == {("isend", msg): m, ("irecv", msg): m}
         spans = sorted((r for r in recs if r["ev"] == "span" and r["module"] == "model"), key=lambda r: r["t0"])
         order = [("F" if r["phase"] == "forward" else "B", r["mb"]) for r in spans]
-        assert order == pp_mod.SCHEDULES[engine](pp, stage, m), (stage, order)
+        assert order == pp_mod.SCHEDULES[engine](pp, stage, m), (rank, order)

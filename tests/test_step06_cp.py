@@ -1,4 +1,4 @@
-"""step06: context parallelism (alone and combined with dp, tp, pp) reproduces step01."""
+"""step06: context parallelism (alone and combined with dp, tp (+ sp), pp) reproduces step01."""
 import pytest
 
 from launch import TINY, assert_matches_step01, run_step
@@ -11,10 +11,10 @@ COMMON = [*TINY, "--max-steps", "10", "--micro-batch-size", "2", "--grad-acc-ste
     (2, ["--cp", 2], []),
     (4, ["--cp", 4], []),
     (4, ["--dp", 2, "--cp", 2], []),
-    (4, ["--cp", 2, "--tp", 2], []),
+    (4, ["--cp", 2, "--tp", 2, "--sp"], []),  # sp: each rank holds T/(cp tp) tokens outside the blocks
     (4, ["--pp", 2, "--cp", 2], ["--tie-word-embeddings", "1"]),
     (8, ["--pp", 2, "--cp", 2, "--tp", 2], ["--num-layers", "3"]),
-], ids=["cp2", "cp4", "dp2-cp2", "cp2-tp2", "pp2-cp2-tied", "pp2-cp2-tp2"])
+], ids=["cp2", "cp4", "dp2-cp2", "cp2-tp2-sp", "pp2-cp2-tied", "pp2-cp2-tp2"])
 def test_cp_equals_step01(nproc, layout, extra, tmp_path_factory):
     dp = layout[layout.index("--dp") + 1] if "--dp" in layout else 1
     assert_matches_step01(STEP, nproc, [*COMMON, *extra], layout, ref_grad_acc=2 * dp,

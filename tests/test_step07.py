@@ -64,9 +64,9 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dp_pp_tp(work):
-    """dp2 x pp2 x tp2, tied embeddings, 1F1B; checkpoints at steps 5 and 10; MFU against 1 GFLOP/s."""
+    """dp2 x pp2 x tp2 with --sp, tied embeddings, 1F1B; checkpoints at steps 5 and 10; MFU against 1 GFLOP/s."""
     d = work / "dp_pp_tp"
-    args = [*COMMON, "--tie-word-embeddings", "1", "--dp", "2", "--pp", "2", "--tp", "2",
+    args = [*COMMON, "--tie-word-embeddings", "1", "--dp", "2", "--pp", "2", "--tp", "2", "--sp",
             "--save-dir", d / "ckpt", "--save-every", "5", "--peak-tflops", "0.001", "--dump-params", d / "params"]
     return d, args, run_step(STEP, 8, args, d)
 
@@ -81,7 +81,7 @@ def pp_cp_tp(work):
 
 def test_dp_pp_tp_equals_step01(dp_pp_tp, work):
     d, _, got = dp_pp_tp
-    compare_with_step01(got, [*COMMON, "--tie-word-embeddings", "1"], 2, work, d / "params", "dp2 pp2 tp2")
+    compare_with_step01(got, [*COMMON, "--tie-word-embeddings", "1"], 2, work, d / "params", "dp2 pp2 tp2 sp")
 
 
 def test_pp_cp_tp_equals_step01(pp_cp_tp, work):
@@ -105,7 +105,7 @@ def test_dp_pp_cp_from_a_config_file_equals_step01(work):
 def test_mfu_and_tokens_per_gpu_in_the_log(dp_pp_tp):
     flops = 884_736  # tiny at T=32, see test_mfu_arithmetic
     for m in dp_pp_tp[2]:
-        assert m["tokens_per_s_per_gpu"] == pytest.approx(m["tokens_per_s"] / 8, rel=1e-3)
+        assert m["tokens_per_s_per_gpu"] == pytest.approx(m["tokens_per_s"] / 8, abs=0.051)  # logged to 0.1
         assert m["mfu"] == pytest.approx(100 * flops * m["tokens_per_s_per_gpu"] / 1e9, abs=0.01)
 
 

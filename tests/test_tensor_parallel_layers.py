@@ -24,7 +24,9 @@ def load_tp():
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tp_layers_match_unsharded(tp):
-    """Column/row linear, SwiGLU MLP, vocab embedding, vocab-parallel CE, apply_tensor_parallel."""
+    """Column/row linear, SwiGLU MLP, vocab embedding, vocab-parallel CE, apply_tensor_parallel, and
+    their sequence-parallel forms (--sp): block entry, lm_head gather, row reduce-scatter, embedding,
+    norm grads summed over tp, a whole block."""
     proc = torchrun(WORKER, tp, [TP_DIR], timeout=180)
     assert proc.stdout.count("TP_LAYERS_OK") == tp, proc.stdout[-2000:]
 
@@ -54,3 +56,12 @@ def test_divisibility_accepts_dividing_shapes():
                          intermediate_size=128, vocab_size=256)
     for tp in (1, 2):
         tp_mod.check_tp_divisibility(config, tp)
+
+
+def test_sequence_parallel_split_error_is_one_clear_line():
+    tp_mod = load_tp()
+    tp_mod.check_sp(16, 4)
+    with pytest.raises(ValueError) as err:
+        tp_mod.check_sp(18, 4)
+    assert str(err.value) == ("--sp splits the 18 tokens of a sequence on each rank over --tp 4, which does "
+                              "not divide them; change --seq-len")

@@ -16,9 +16,10 @@ import torch.distributed.nn  # noqa: E402,F401  (before any group: see process_g
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tensor_parallel import (ColumnParallelLinear, RowParallelLinear,  # noqa: E402
-                             VocabParallelEmbedding, apply_tensor_parallel, copy_to_tp,
-                             reduce_from_tp, vocab_parallel_cross_entropy)
+from tensor_parallel import (ColumnParallelLinear, GatherSequence, RowParallelLinear,  # noqa: E402
+                             VocabParallelEmbedding, allreduce_sequence_parallel_grads,
+                             apply_tensor_parallel, copy_to_tp, gather_sequence, reduce_from_tp,
+                             scatter_sequence, vocab_parallel_cross_entropy)
 
 ATOL = 1e-5
 
@@ -141,9 +142,94 @@ def check_cross_entropy(group):
     close("vocab CE grad (bf16 logits)", ll.grad, want, atol=want.abs().max().item() * 2**-8)  # bf16 rounding
 
 
+def check_sequence_parallel(group):
+    """--sp: activations (B, T/tp, D) between blocks; gathers and reduce-scatters along T."""
+    r, tp = dist.get_rank(group), dist.get_world_size(group)
+    B, T, D, H = 2, 8, 8, 12
+    mine = lambda t: t.chunk(tp, 1)[r]  # noqa: E731  this rank's tokens of a (B, T, ...) tensor
+    x, g = full(B, T, D, seed=40), full(B, T, H, seed=41)
+
+    # a block's entry: all-gather along T; backward reduce-scatters the ranks' partial grads
+    xl = leaf(mine(x))
+    gathered = GatherSequence(group)(xl)
+    close("sp entry out", gathered, x)
+    gr = full(B, T, D, seed=42 + r)  # a different partial dL/dx on every rank
+    (gathered * gr).sum().backward()
+    close("sp entry x.grad (reduce-scattered)", xl.grad, mine(sum(full(B, T, D, seed=42 + i) for i in range(tp))))
+
+    # lm_head-style column linear: gathers its (B, T/tp, D) input itself
+    w = full(H, D, seed=43) / D**0.5
+    xr, wr = leaf(x), leaf(w)
+    (F.linear(xr, wr) * g).sum().backward()
+    col = ColumnParallelLinear(D, H, group, sp=True)
+    with torch.no_grad():
+        col.weight.copy_(w.chunk(tp, 0)[r])
+    xl = leaf(mine(x))
+    yl = col(xl)
+    close("sp column out", yl, F.linear(x, w).chunk(tp, -1)[r])
+    (yl * g.chunk(tp, -1)[r]).sum().backward()
+    close("sp column x.grad", xl.grad, mine(xr.grad))
+    close("sp column weight.grad", col.weight.grad, wr.grad.chunk(tp, 0)[r])
+
+    # row linear: (B, T, H/tp) -> reduce-scatter along T -> (B, T/tp, D)
+    h, w2, g2 = full(B, T, H, seed=44), full(D, H, seed=45) / H**0.5, full(B, T, D, seed=46)
+    hr, wr = leaf(h), leaf(w2)
+    (F.linear(hr, wr) * g2).sum().backward()
+    row = RowParallelLinear(H, D, group, sp=True)
+    with torch.no_grad():
+        row.weight.copy_(w2.chunk(tp, 1)[r])
+    hl = leaf(h.chunk(tp, -1)[r])
+    yl = row(hl)
+    close("sp row out (reduce-scattered)", yl, mine(F.linear(h, w2)))
+    (yl * mine(g2)).sum().backward()
+    close("sp row x.grad (all-gathered grad)", hl.grad, hr.grad.chunk(tp, -1)[r])
+    close("sp row weight.grad", row.weight.grad, wr.grad.chunk(tp, 1)[r])
+
+    # vocab-parallel embedding: reduce-scatter along T
+    V = 16
+    we, ids = full(V, D, seed=47), torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(48))
+    wr = leaf(we)
+    (F.embedding(ids, wr) * g2).sum().backward()
+    emb = VocabParallelEmbedding(V, D, group, sp=True)
+    with torch.no_grad():
+        emb.weight.copy_(we.chunk(tp, 0)[r])
+    out = emb(ids)
+    close("sp embedding out", out, mine(F.embedding(ids, we)))
+    (out * mine(g2)).sum().backward()
+    close("sp embedding weight.grad", emb.weight.grad, wr.grad.chunk(tp, 0)[r])
+
+    # norm gains see T/tp tokens per rank: their grads are summed over tp afterwards
+    norm_ref, norm = nn.RMSNorm(D), nn.RMSNorm(D)
+    with torch.no_grad():
+        norm_ref.weight.copy_(full(D, seed=49)), norm.weight.copy_(full(D, seed=49))
+    (norm_ref(x) * g2).sum().backward()
+    (norm(mine(x)) * mine(g2)).sum().backward()
+    allreduce_sequence_parallel_grads(norm, group)
+    close("sp norm weight.grad (all-reduced over tp)", norm.weight.grad, norm_ref.weight.grad)
+
+    # a whole SP block: norm -> gather -> column -> row (reduce-scatter) + residual, against unsharded
+    w1, w2 = full(H, D, seed=50) / D**0.5, full(D, H, seed=51) / H**0.5
+    ref_n, sp_n = nn.RMSNorm(D), nn.RMSNorm(D)
+    xr, w1r, w2r = leaf(x), leaf(w1), leaf(w2)
+    yr = xr + F.linear(F.silu(F.linear(ref_n(xr), w1r)), w2r)
+    (yr * g2).sum().backward()
+    up, down = ColumnParallelLinear(D, H, group, copy_input=False), RowParallelLinear(H, D, group, sp=True)
+    with torch.no_grad():
+        up.weight.copy_(w1.chunk(tp, 0)[r]), down.weight.copy_(w2.chunk(tp, 1)[r])
+    xl = leaf(mine(x))
+    yl = xl + down(F.silu(up(gather_sequence(sp_n(xl), group))))
+    close("sp block out", yl, mine(yr))
+    (yl * mine(g2)).sum().backward()
+    allreduce_sequence_parallel_grads(sp_n, group)
+    close("sp block x.grad", xl.grad, mine(xr.grad))
+    close("sp block up.grad", up.weight.grad, w1r.grad.chunk(tp, 0)[r])
+    close("sp block norm.grad", sp_n.weight.grad, ref_n.weight.grad)
+
+
 def check_size_one_is_noop(group):
     x = full(3, 4, seed=30)
     assert copy_to_tp(x, group) is x and reduce_from_tp(x, group) is x
+    assert gather_sequence(x, group) is x and scatter_sequence(x, group) is x
     logits, t = full(5, 10, seed=31), torch.arange(5)
     close("tp=1 CE", vocab_parallel_cross_entropy(logits, t, group),
           F.cross_entropy(logits, t, reduction="none"))
@@ -231,6 +317,7 @@ def main():
         check_linears(group)
         check_embedding(group)
         check_cross_entropy(group)
+        check_sequence_parallel(group)
         check_apply(group)
     check_size_one_is_noop(singles[rank])
     dist.barrier()
