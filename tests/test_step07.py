@@ -228,7 +228,8 @@ def test_hf_round_trip_tp_pp(tmp_path):
     assert not any(info.values()), info
     data = load("data")
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")  # the export carries the run's tokenizer
-    batch = data.global_batch(data.load_sequences(data.DEFAULT_DATASET, tok, 32), 0, 4, 42)  # (G, T + 1)
+    sequences = data.load_sequences(data.DEFAULT_DATASET, tok, 32, 4)
+    batch = sequences[data.global_batch(len(sequences), 0, 4, 42)]  # (G, T + 1)
     with torch.no_grad():
         logits = hf(batch[:, :-1]).logits  # (G, T, V)
         assert torch.equal(back(batch[:, :-1]).logits, logits)
