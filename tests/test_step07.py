@@ -130,6 +130,19 @@ def test_resume_equals_an_uninterrupted_run(dp_pp_tp):
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit: Adam moments and step were restored
 
 
+def test_a_run_extended_with_more_steps_resumes(tmp_path):
+    """The usual way to continue a run: resume its checkpoint with a larger --max-steps. The packed
+    dataset does not depend on --max-steps, so the checkpoint accepts it and step k still reads global
+    batch k. (The lr schedule does depend on --max-steps: --warmup-steps 8 keeps steps 0-7 on the same lr.)"""
+    args = [*_with_flag(TINY, "--warmup-steps", 8), "--grad-acc-steps", "2", "--pp", "2"]
+    six = run_step(STEP, 2, [*args, "--max-steps", "6", "--save-dir", tmp_path / "ckpt", "--save-every", "4"],
+                   tmp_path, tag="six")
+    longer = run_step(STEP, 2, [*args, "--max-steps", "8", "--resume", tmp_path / "ckpt" / "step_000004"],
+                      tmp_path, tag="extended")
+    assert [m["step"] for m in longer] == list(range(4, 8))
+    assert_same_losses(six[4:], longer[:2], rtol=1e-6, what="resumed with --max-steps 8")
+
+
 @pytest.fixture(scope="module")
 def pp2_ckpt(work):
     """A small 2-stage pipeline run that saves at steps 2, 4, 6, 8: crashes and bad input start here."""
