@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -246,6 +247,32 @@ def build_once(path, build):
             lock.unlink(missing_ok=True)
 
 
+def in_child(fn):
+    """Run fn() in a forked process; its error is raised here, as one line. The trainer's own memory
+    then never holds `datasets`, pyarrow or a batch of the tokenizer's output, and map()'s workers
+    fork from a process without communication threads. macOS and Windows run it here (fork is unsafe)."""
+    if sys.platform in ("darwin", "win32"):
+        return fn()
+    sys.stdout.flush(), sys.stderr.flush()  # else the child would print our buffered lines again
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: build, report, leave without running the trainer's exit handlers
+        os.close(r)
+        try:
+            fn()
+            code = 0
+        except BaseException as e:
+            os.write(w, one_line(e).encode())
+            code = 1
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        msg = f.read().decode()  # until the child exits
+    if os.waitpid(pid, 0)[1] != 0:
+        raise ValueError(msg or f"the tokenizing process {pid} died")
+
+
 def alive(pid):
     try:
         os.kill(pid, 0)  # signal 0 only asks whether the process exists
@@ -318,7 +345,7 @@ def load_sequences(dataset, tokenizer, seq_len, G, max_tokens=None, cache_dir=No
         raise ValueError(f"tokenizer {tokenizer.name_or_path} has no EOS token to separate documents; "
                          f"pass a --tokenizer that has one")
     path, source, key = token_file(dataset, tokenizer, max_tokens, cache_dir)
-    build_once(path, lambda: tokenize(dataset, tokenizer, source, path, key))
+    build_once(path, lambda: in_child(lambda: tokenize(dataset, tokenizer, source, path, key)))
     header = check_header(path, key, tokenizer)
     sequences = PackedSequences(path, header["dtype"], header["n_tokens"], seq_len)
     if len(sequences) < G:
