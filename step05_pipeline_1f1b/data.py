@@ -151,9 +151,9 @@ def build_once(path, build):
                 if lock.read_text() == owner:  # its builder died: take the lock over
                     lock.unlink(missing_ok=True)
                 continue
-            if not waited:
+            if not waited and os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node, not per rank
                 print(f"waiting for process {owner} to tokenize into {path.name}", flush=True)
-                waited = True
+            waited = True
             if mtime != seen[0]:
                 seen = (mtime, time.monotonic())
             elif time.monotonic() - seen[1] > STALE_S:
