@@ -46,8 +46,13 @@ def base_parser(description):
     a("--model", default="tiny", help=f"preset ({', '.join(PRESETS)}) or a directory with an HF config.json")
     for flag in OVERRIDES:
         a("--" + flag.replace("_", "-"), type=int, default=None, help="override the model's " + OVERRIDES[flag])
-    a("--dataset", default=None, help="local .jsonl/.txt/.parquet file or directory, or a hub name (default: bundled)")
+    a("--dataset", default=None, help="local .jsonl/.txt/.parquet/.csv file or directory, or a hub NAME[@REVISION] "
+                                      "(default: bundled)")
     a("--tokenizer", default=None, help="local tokenizer directory or hub name (default: bundled)")
+    a("--data-cache", default=None, help="folder of token files (default: course_tokens/ in the datasets cache, "
+                                         "$HF_DATASETS_CACHE or $HF_HOME/datasets)")
+    a("--max-tokens", type=int, default=None, help="tokenize at most N tokens of --dataset (default: all of a "
+                                                   "local corpus, 100M of a hub dataset)")
     a("--seq-len", type=int, default=64)
     a("--micro-batch-size", type=int, default=8)
     a("--grad-acc-steps", type=int, default=1)

@@ -36,7 +36,7 @@ MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
               "num_key_value_heads", "head_dim", "tie_word_embeddings")
 # Change any of these and "global batch k" is other data: the flags that set each one.
 DATA_KEYS = {"seq_len": "--seq-len", "global_batch": "--micro-batch-size x --grad-acc-steps x dp",
-             "seed": "--seed", "sequences": "--dataset, --tokenizer and --max-steps (the packed dataset)"}
+             "seed": "--seed", "sequences": "--dataset, --tokenizer and --max-tokens (the packed dataset)"}
 
 
 def add_checkpoint_args(parser):

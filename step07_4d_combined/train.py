@@ -104,8 +104,8 @@ def main():
     G = args.micro_batch_size * args.grad_acc_steps * args.dp  # sequences per optimizer step
     try:
         tokenizer = load_tokenizer(args.tokenizer or DEFAULT_TOKENIZER)
-        sequences = load_sequences(args.dataset or DEFAULT_DATASET, tokenizer, args.seq_len,
-                                   max_tokens=args.max_steps * G * (args.seq_len + 1))
+        sequences = load_sequences(args.dataset or DEFAULT_DATASET, tokenizer, args.seq_len, G,
+                                   max_tokens=args.max_tokens, cache_dir=args.data_cache)  # (N, T + 1), mapped
     except (OSError, ValueError) as e:
         die(str(e).splitlines()[0])
     if len(tokenizer) > config.vocab_size:
@@ -114,10 +114,11 @@ def main():
 
     def local_micro_batches(step):
         """The micro-batches this process runs for optimizer step `step`: (x, y) pairs of (mbs, T)."""
-        batch = global_batch(sequences, step, G, args.seed)  # (G, T + 1)
-        batch = batch.chunk(args.dp)[pgm.dp_rank]  # this rank's share: (G/dp, T + 1)
+        batch = global_batch(len(sequences), step, G, args.seed)  # (G,) row indices of global batch `step`
+        batch = batch.chunk(args.dp)[pgm.dp_rank]  # this rank's share: (G/dp,)
         for m in range(args.grad_acc_steps):
-            rows = batch[m * args.micro_batch_size:(m + 1) * args.micro_batch_size].to(device)  # (mbs, T + 1)
+            mine = batch[m * args.micro_batch_size:(m + 1) * args.micro_batch_size]  # (mbs,) row indices
+            rows = sequences[mine].to(device)  # (mbs, T + 1): only these rows are read from the token file
             x, y = rows[:, :-1], rows[:, 1:]  # inputs and next-token targets, each (mbs, T)
             # shift first, then cut: this rank keeps zig-zag chunks cp_rank and 2cp-1-cp_rank
             yield (zigzag_slice(x, 1, pgm.cp_rank, pgm.cp_size),  # (mbs, T/cp)

@@ -26,7 +26,7 @@ def free_port():
 
 
 def child_env(extra=None):
-    env = dict(os.environ)
+    env = dict(os.environ)  # under pytest this carries conftest's per-session HF_DATASETS_CACHE
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                COURSE_PG_TIMEOUT_S="60")  # a hung collective fails in a minute

@@ -130,6 +130,19 @@ def test_resume_equals_an_uninterrupted_run(dp_pp_tp):
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit: Adam moments and step were restored
 
 
+def test_a_run_extended_with_more_steps_resumes(tmp_path):
+    """The usual way to continue a run: resume its checkpoint with a larger --max-steps. The packed
+    dataset does not depend on --max-steps, so the checkpoint accepts it and step k still reads global
+    batch k. (The lr schedule does depend on --max-steps: --warmup-steps 8 keeps steps 0-7 on the same lr.)"""
+    args = [*_with_flag(TINY, "--warmup-steps", 8), "--grad-acc-steps", "2", "--pp", "2"]
+    six = run_step(STEP, 2, [*args, "--max-steps", "6", "--save-dir", tmp_path / "ckpt", "--save-every", "4"],
+                   tmp_path, tag="six")
+    longer = run_step(STEP, 2, [*args, "--max-steps", "8", "--resume", tmp_path / "ckpt" / "step_000004"],
+                      tmp_path, tag="extended")
+    assert [m["step"] for m in longer] == list(range(4, 8))
+    assert_same_losses(six[4:], longer[:2], rtol=1e-6, what="resumed with --max-steps 8")
+
+
 @pytest.fixture(scope="module")
 def pp2_ckpt(work):
     """A small 2-stage pipeline run that saves at steps 2, 4, 6, 8: crashes and bad input start here."""
@@ -228,7 +241,8 @@ def test_hf_round_trip_tp_pp(tmp_path):
     assert not any(info.values()), info
     data = load("data")
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")  # the export carries the run's tokenizer
-    batch = data.global_batch(data.load_sequences(data.DEFAULT_DATASET, tok, 32), 0, 4, 42)  # (G, T + 1)
+    sequences = data.load_sequences(data.DEFAULT_DATASET, tok, 32, 4)
+    batch = sequences[data.global_batch(len(sequences), 0, 4, 42)]  # (G, T + 1)
     with torch.no_grad():
         logits = hf(batch[:, :-1]).logits  # (G, T, V)
         assert torch.equal(back(batch[:, :-1]).logits, logits)
