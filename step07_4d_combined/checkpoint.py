@@ -20,7 +20,7 @@ their RNG state only. Bytes: 12 x parameters in all (float32 weights + two momen
 Save: every rank writes its file (temporary name, fsync, rename); one all_gather_object over the
 world carries each rank's (ok, cause, size, pieces). If a write failed, every rank stops with the
 same line naming that rank, and `latest` stays. Else rank 0 writes meta.json, then `latest`,
-and broadcasts that it worked. A crash at any moment leaves `latest` on the
+prunes (--keep-last) and broadcasts that it worked. A crash at any moment leaves `latest` on the
 previous complete checkpoint.
 Resume, any layout: every rank runs the same checks (model, data, global batch, file sizes), so
 all stop with the same line. Then each tensor it holds is filled from the saved pieces that
@@ -37,6 +37,7 @@ References: safetensors (Hugging Face); torch.distributed.checkpoint (PyTorch do
 import errno
 import json
 import os
+import shutil
 import time
 import zlib
 from pathlib import Path
@@ -62,6 +63,7 @@ def add_checkpoint_args(parser):
     a = parser.add_argument
     a("--save-dir", default=None, help="write checkpoints here: step_NNNNNN/ folders and a `latest` pointer")
     a("--save-every", type=int, default=0, help="save every N optimizer steps and after the last (0: after the last)")
+    a("--keep-last", type=int, default=0, help="after each save keep only the newest N checkpoints (0: keep all)")
     a("--resume", default=None, help="'latest' (newest complete checkpoint in --save-dir; none yet: start "
                                      "from step 0) or a checkpoint directory; any layout with the same global batch")
 
@@ -98,6 +100,8 @@ class Checkpointer:
                      "micro_batch_size": args.micro_batch_size, "grad_acc_steps": args.grad_acc_steps}
         if (args.save_every or (args.resume == "latest")) and not args.save_dir:
             die("--save-every and --resume latest need --save-dir")
+        if args.keep_last < 0:
+            die(f"--keep-last {args.keep_last}: pass N >= 1 to keep the newest N checkpoints, or 0 to keep all")
 
     def _logical(self, name):
         """Tied embeddings: a last stage's lm_head.weight is a copy of model.embed_tokens.weight."""
@@ -182,9 +186,27 @@ class Checkpointer:
         dist.broadcast_object_list(outcome, src=0)  # broadcast over the world: nobody runs ahead of `latest`
         if outcome[0]:
             die(outcome[0])
+        if self.rank == 0:
+            self.prune(folder.name)
         if self.rank == self.world - 1:
             print(f"saved {folder} ({sum(rep[3] for rep in reports):,} bytes in {self.world} files, at most "
                   f"{max(rep[3] for rep in reports):,} per rank, {time.perf_counter() - t0:.2f} s)", flush=True)
+
+    def prune(self, current):
+        """Rank 0, once `latest` names `current`: keep it and the newest keep_last - 1 complete
+        checkpoints before it; delete older ones and older incomplete folders (failed or crashed
+        saves, never resumable). Folders after `current` (a run that went further before this one
+        resumed from an earlier checkpoint) are left alone: this run overwrites them when it gets there."""
+        if not self.args.keep_last:
+            return
+        step = lambda p: int(p.name[5:])  # noqa: E731  step_000010 -> 10
+        older = sorted((p for p in Path(self.args.save_dir).glob("step_*")
+                        if p.is_dir() and p.name[5:].isdigit() and step(p) < int(current[5:])), key=step)
+        complete = [p for p in older if (p / "meta.json").is_file()]
+        keep = set(complete[-(self.args.keep_last - 1):]) if self.args.keep_last > 1 else set()
+        for p in older:
+            if p not in keep:
+                shutil.rmtree(p, ignore_errors=True)  # a folder it cannot delete stays: never worth a stop
 
     # ------------------------------------------------------------------ resume
     def find(self):

@@ -210,6 +210,19 @@ def test_resume_under_another_layout(dp_pp_tp, layout):
         assert (a[k] - b[k]).abs().max().item() <= 5e-5, f"{layout}: {k}"
 
 
+def test_keep_last_keeps_the_newest(tmp_path):
+    """5 saves with --keep-last 2 leave the two newest; an older incomplete folder (a failed save)
+    goes too; a newer one (a run that went further) is left alone."""
+    ckpt = tmp_path / "ckpt"
+    for stale in ("step_000000", "step_000009"):
+        (ckpt / stale).mkdir(parents=True)
+        (ckpt / stale / "rank00000.safetensors").write_bytes(b"partial")
+    run_step(STEP, 1, [*TINY, "--max-steps", "5", "--save-dir", ckpt, "--save-every", "1", "--keep-last", "2"],
+             tmp_path)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_000004", "step_000005", "step_000009"]
+    assert (ckpt / "latest").read_text() == "step_000005"
+
+
 @pytest.fixture(scope="module")
 def pp2_ckpt(work):
     """A small 2-stage pipeline run that saves at steps 2, 4, 6, 8: crashes and bad input start here."""
