@@ -116,7 +116,8 @@ def test_mfu_and_tokens_per_gpu_in_the_log(dp_pp_tp):
     flops = 1_474_560  # tiny with 4 layers and 4 kv heads at T=32: as in test_mfu_arithmetic, 4 x 40,960 per layer
     for m in dp_pp_tp[2]:
         assert m["tokens_per_s_per_gpu"] == pytest.approx(m["tokens_per_s"] / 8, abs=0.051)  # logged to 0.1
-        assert m["mfu"] == pytest.approx(100 * flops * m["tokens_per_s_per_gpu"] / 1e9, abs=0.01)
+        slack = 0.005 + 100 * flops * 0.05 / 1e9  # mfu is rounded to 0.01, tokens_per_s_per_gpu to 0.1
+        assert m["mfu"] == pytest.approx(100 * flops * m["tokens_per_s_per_gpu"] / 1e9, abs=slack)
 
 
 # ------------------------------------------------------------------ checkpoints
