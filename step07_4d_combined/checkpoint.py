@@ -19,19 +19,20 @@ their RNG state only. Bytes: 12 x parameters in all (float32 weights + two momen
 
 Save: every rank writes its file (temporary name, fsync, rename); one all_gather_object over the
 world carries each rank's (ok, cause, size, pieces). If a write failed, every rank stops with the
-same line naming that rank, and `latest` stays. Else rank 0 writes meta.json, then `latest`,
-prunes (--keep-last) and broadcasts that it worked. A crash at any moment leaves `latest` on the
-previous complete checkpoint.
+same line naming that rank, and `latest` stays. Else rank 0 writes meta.json, then `latest`, and
+broadcasts that it worked; then it prunes (--keep-last). A crash at any moment leaves `latest` on
+the previous complete checkpoint.
 Resume, any layout: every rank runs the same checks (model, data, global batch, file sizes), so
 all stop with the same line. Then each tensor it holds is filled from the saved pieces that
-overlap it (reshard.read_region: only the overlap is read). Under the same layout a rank reads
-back exactly what was written (replicas are bit-identical): the continuation is bit for bit.
+overlap it (reshard.read_region reads only the overlaps, into the rank's own tensors: it holds
+its slices plus one overlap, never the model). Under the same layout a rank reads back exactly
+what was written (replicas are bit-identical): the continuation is bit for bit.
 
 Why not torch.distributed.checkpoint (DCP, torchtitan's choice)? It reshards the same way (a
 file per rank + an index of chunks of global tensors), but it needs every parameter as a DTensor
 on a device mesh to describe its shard, its .metadata index is a pickle, and a flat ZeRO range
 of a tp shard has no public DTensor placement. Our parameters already carry .shard, a region is
-a few integers, and the reader is 60 lines.
+a few integers, and the reader is 70 lines.
 References: safetensors (Hugging Face); torch.distributed.checkpoint (PyTorch documentation).
 """
 import errno
