@@ -1,50 +1,72 @@
-"""Checkpoints: stop a 4D run anywhere and continue it exactly, from files every rank writes itself.
+"""Checkpoints: stop a 4D run anywhere and continue it exactly, under the same or any other layout.
 
-Problem: long runs die (node failures, job time limits). Resuming must give the same losses
-as a run that never stopped, so a checkpoint holds everything the next step depends on:
-the weights, AdamW's exp_avg / exp_avg_sq / step of every parameter, the step counter (the
-data position: step k always reads the global batch k, see data.py) and the RNG state.
+Problem: long runs die (node failures, time limits) and come back on other machines. A resumed
+run must give the losses of one that never stopped, so a checkpoint holds the weights, AdamW's
+exp_avg / exp_avg_sq / step of every parameter, the step counter (the data position: step k
+always reads global batch k, see data.py) and the RNG state.
 
-Layout on disk, one folder per checkpoint:
-    SAVE_DIR/step_000010/rank00000.safetensors ... rank{world-1}   this rank's shards and Adam state
-    SAVE_DIR/step_000010/meta.json     layout, model config, data position, size of every file
-    SAVE_DIR/latest                    "step_000010": the newest COMPLETE checkpoint
-Each rank writes only its own slices (no gather, no rank holding the whole model): bytes per
-rank = 12 x its parameters (float32 weights + two Adam moments). Every file is written to a
-temporary name and renamed (os.replace is atomic), so a reader never sees half a file.
-Communication: one all-gather of the file sizes (all_gather_object over the world), then
-rank 0 writes meta.json and only then `latest`: a crash at any moment leaves `latest` on the
-previous complete checkpoint. Resuming checks meta.json and every file's size on every rank
-before reading anything, so a bad checkpoint stops all ranks with the same one-line error
-instead of leaving some of them waiting in a collective.
-A checkpoint resumes only under the layout (dp, pp, cp, tp) that wrote it: each file holds
-slices cut for that layout (their .shard is stored, so resharding is possible; see README).
-Reference: safetensors (Hugging Face), a format with no code execution on load.
+Format, one folder per checkpoint, readable with safetensors and json alone (no pickle, no code):
+    SAVE_DIR/step_000010/rank00000.safetensors ...  `model/<hf name>`, `adam/<hf name>/<state>`, `rng/cpu`
+    SAVE_DIR/step_000010/meta.json   layout, model config, data position, file sizes, and for every
+                                     tensor key {"shape": global, "dtype", "pieces": [[file, key, region]]}
+    SAVE_DIR/latest                  "step_000010": the newest COMPLETE checkpoint
+A piece is a region of the global tensor (reshard.py): a box such as a tp chunk, or a flat range.
+One copy of each piece is written: dp and cp replicas are identical, so are the tp copies of
+unsharded tensors and a tied lm_head on the last stage (= model.embed_tokens). Ranks with
+dp = cp = 0 write their slices (tp rank 0 the unsharded tensors and every `step`), the others
+their RNG state only. Bytes: 12 x parameters in all (float32 weights + two moments), at most
+12 x parameters / (tp x pp) on one rank.
+
+Save: every rank writes its file (temporary name, fsync, rename); one all_gather_object over the
+world carries each rank's (ok, cause, size, pieces). If a write failed, every rank stops with the
+same line naming that rank, and `latest` stays. Else rank 0 writes meta.json, then `latest`, and
+broadcasts that it worked; then it prunes (--keep-last). A crash at any moment leaves `latest` on
+the previous complete checkpoint.
+Resume, any layout: every rank runs the same checks (model, data, global batch, file sizes), so
+all stop with the same line. Then each tensor it holds is filled from the saved pieces that
+overlap it (reshard.read_region reads only the overlaps, into the rank's own tensors: it holds
+its slices plus one overlap, never the model). Under the same layout a rank reads back exactly
+what was written (replicas are bit-identical): the continuation is bit for bit.
+
+Why not torch.distributed.checkpoint (DCP, torchtitan's choice)? It reshards the same way (a
+file per rank + an index of chunks of global tensors), but it needs every parameter as a DTensor
+on a device mesh to describe its shard, its .metadata index is a pickle, and a flat ZeRO range
+of a tp shard has no public DTensor placement. Our parameters already carry .shard, a region is
+a few integers, and the reader is 70 lines.
+References: safetensors (Hugging Face); torch.distributed.checkpoint (PyTorch documentation).
 """
+import errno
 import json
 import os
+import shutil
+import time
+import zlib
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
+from model import full_shape
+from reshard import read_region, region_of
 from utils import atomic_save_file, die
 
 LAYOUT = ("dp", "pp", "cp", "tp")
 MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "tie_word_embeddings")
 # Change any of these and "global batch k" is other data: the flags that set each one.
-DATA_KEYS = {"seq_len": "--seq-len", "global_batch": "--micro-batch-size x --grad-acc-steps x dp",
-             "seed": "--seed", "sequences": "--dataset, --tokenizer and --max-tokens (the packed dataset)"}
+DATA_KEYS = {"seq_len": "--seq-len", "seed": "--seed",
+             "sequences": "--dataset, --tokenizer and --max-tokens (the packed dataset)",
+             "tokens_crc32": "--dataset and --tokenizer (the first packed sequences differ)"}
 
 
 def add_checkpoint_args(parser):
     a = parser.add_argument
     a("--save-dir", default=None, help="write checkpoints here: step_NNNNNN/ folders and a `latest` pointer")
     a("--save-every", type=int, default=0, help="save every N optimizer steps and after the last (0: after the last)")
+    a("--keep-last", type=int, default=0, help="after each save keep only the newest N checkpoints (0: keep all)")
     a("--resume", default=None, help="'latest' (newest complete checkpoint in --save-dir; none yet: start "
-                                     "from step 0) or a checkpoint directory")
+                                     "from step 0) or a checkpoint directory; any layout with the same global batch")
 
 
 def crash_here(where, step):
@@ -54,6 +76,14 @@ def crash_here(where, step):
         os._exit(86)
 
 
+def fail_here(rank, step):
+    """Tests only: this rank's checkpoint write fails like a full disk if COURSE_FAIL_SAVE_RANK is
+    its rank (and COURSE_FAIL_SAVE_STEP, when set, the checkpoint's step)."""
+    if (os.environ.get("COURSE_FAIL_SAVE_RANK") == str(rank)
+            and os.environ.get("COURSE_FAIL_SAVE_STEP", str(step)) == str(step)):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def _atomic_write_text(path, text):
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -61,14 +91,22 @@ def _atomic_write_text(path, text):
 
 
 class Checkpointer:
-    def __init__(self, args, pgm, config, global_batch, n_sequences):
+    def __init__(self, args, pgm, config, global_batch, sequences):
         self.args, self.pgm, self.config = args, pgm, config
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.layout = {d: getattr(pgm, f"{d}_size", 1) for d in LAYOUT}
+        first = sequences[torch.arange(min(16, len(sequences)))]  # (16, T + 1): the corpus's first rows
         self.data = {"seq_len": args.seq_len, "global_batch": global_batch, "seed": args.seed,
-                     "sequences": n_sequences}
+                     "sequences": len(sequences), "tokens_crc32": zlib.crc32(first.numpy().tobytes()),
+                     "micro_batch_size": args.micro_batch_size, "grad_acc_steps": args.grad_acc_steps}
         if (args.save_every or (args.resume == "latest")) and not args.save_dir:
             die("--save-every and --resume latest need --save-dir")
+        if args.keep_last < 0:
+            die(f"--keep-last {args.keep_last}: pass N >= 1 to keep the newest N checkpoints, or 0 to keep all")
+
+    def _logical(self, name):
+        """Tied embeddings: a last stage's lm_head.weight is a copy of model.embed_tokens.weight."""
+        return "model.embed_tokens.weight" if name == "lm_head.weight" and self.config.tie_word_embeddings else name
 
     # ------------------------------------------------------------------ save
     def maybe_save(self, step, model, optimizer, tokens):
@@ -78,33 +116,98 @@ class Checkpointer:
         if a.save_dir and ((a.save_every and done % a.save_every == 0) or done == a.max_steps):
             self.save(done, model, optimizer, tokens)
 
+    def pieces(self, model, optimizer):
+        """(key, tensor, global shape, region) this rank writes: one copy of every piece (docstring).
+        ZeRO-1 would yield here, from every dp x cp rank, its range [a, b) of each moment's flattened
+        local shard as region {"box": region_of(p)["box"], "flat": [a, b]}; read_region reads it as is."""
+        pgm = self.pgm
+        if pgm.dp_rank or pgm.cp_rank:  # a replica of the dp = cp = 0 rank with the same pp, tp
+            return
+        for name, p in getattr(model, "module", model).named_parameters():
+            if self._logical(name) != name:
+                continue  # the tied copy: model.embed_tokens.weight is written by the first stage
+            region, first = region_of(p), pgm.tp_rank == 0  # tp copies of unsharded tensors are equal
+            if hasattr(p, "shard") or first:
+                yield f"model/{name}", p, full_shape(p), region
+            for k, v in optimizer.state.get(p, {}).items():  # exp_avg, exp_avg_sq: like p; step: ()
+                v = torch.as_tensor(v)
+                if v.dim() == 0 and first:
+                    yield f"adam/{name}/{k}", v, [], {"box": []}
+                elif v.dim() and (hasattr(p, "shard") or first):
+                    yield f"adam/{name}/{k}", v, full_shape(p), region
+
+    def _latest_note(self):
+        latest = Path(self.args.save_dir) / "latest"
+        return f"latest still names {latest.read_text().strip()}" if latest.is_file() else "no checkpoint is complete"
+
     @torch.no_grad()
     def save(self, done, model, optimizer, tokens):
-        folder = Path(self.args.save_dir) / f"step_{done:06d}"
-        folder.mkdir(parents=True, exist_ok=True)  # every rank: no barrier needed, exist_ok is race-free
-        core = getattr(model, "module", model)  # DataParallel keeps the Llama in .module
-        tensors, shards = {}, {}
-        for name, p in core.named_parameters():
-            tensors[f"model/{name}"] = p.detach().cpu().contiguous()
-            shards[name] = list(getattr(p, "shard", ()))
-            for key, value in optimizer.state.get(p, {}).items():  # exp_avg, exp_avg_sq, step
-                tensors[f"adam/{name}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        t0, root = time.perf_counter(), Path(self.args.save_dir)
+        folder, name = root / f"step_{done:06d}", f"rank{self.rank:05d}.safetensors"
+        tensors, index = {}, []
+        for key, t, shape, region in self.pieces(model, optimizer):
+            tensors[key] = t.detach().cpu().contiguous()
+            index.append((key, shape, str(t.dtype).removeprefix("torch."), region))
         tensors["rng/cpu"] = torch.get_rng_state()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             tensors["rng/cuda"] = torch.cuda.get_rng_state()
-        name = f"rank{self.rank:05d}.safetensors"
-        atomic_save_file(tensors, folder / name, {"step": str(done), "shards": json.dumps(shards)})
+        ok, cause, size = True, "", 0
+        try:  # a full disk, a permission, an I/O error: report it below instead of raising alone
+            folder.mkdir(parents=True, exist_ok=True)  # every rank: exist_ok is race-free
+            fail_here(self.rank, done)
+            atomic_save_file(tensors, folder / name, {"step": str(done)})
+            size = (folder / name).stat().st_size
+        except Exception as e:
+            ok, cause = False, (e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0])
+            (folder / f".{name}.tmp").unlink(missing_ok=True)  # give a full disk its space back
         crash_here("IN_SAVE", done)  # tests: every rank wrote its file, nobody wrote `latest`
-        sizes = [None] * self.world
-        dist.all_gather_object(sizes, (name, (folder / name).stat().st_size))  # all-gather over the world
+        reports = [None] * self.world
+        dist.all_gather_object(reports, (ok, cause, name, size, index))  # all-gather over the world
+        failed = [r for r, rep in enumerate(reports) if not rep[0]]
+        if failed:  # every rank takes this branch: the same line everywhere, nobody left in a collective
+            r, more = failed[0], f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
+            die(f"checkpoint {folder.name} not saved: rank {r} could not write {folder / reports[r][2]} "
+                f"({reports[r][1]}){more}; {self._latest_note()}")
+        outcome = [""]
         if self.rank == 0:  # only now is the checkpoint complete: describe it, then point at it
-            meta = {"step": done, "tokens": tokens, "layout": self.layout, "world": self.world,
-                    "data": self.data, "config": self.config.to_dict(), "files": dict(sizes)}
-            _atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1, default=str))
-            _atomic_write_text(Path(self.args.save_dir) / "latest", folder.name)
-        dist.barrier()  # nobody runs ahead (or crashes) before `latest` points here
+            tensors_index = {}
+            for _, _, fname, _, entries in reports:
+                for key, shape, dtype, region in entries:
+                    e = tensors_index.setdefault(key, {"shape": shape, "dtype": dtype, "pieces": []})
+                    e["pieces"].append([fname, key, region])
+            meta = {"step": done, "tokens": tokens, "layout": self.layout, "world": self.world, "data": self.data,
+                    "config": self.config.to_dict(), "files": {rep[2]: rep[3] for rep in reports},
+                    "tensors": tensors_index}
+            try:
+                _atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1, default=str))
+                _atomic_write_text(root / "latest", folder.name)
+            except OSError as e:
+                outcome = [f"checkpoint {folder.name} not saved: rank 0 could not write {e.filename} "
+                           f"({e.strerror}); {self._latest_note()}"]
+        dist.broadcast_object_list(outcome, src=0)  # broadcast over the world: nobody runs ahead of `latest`
+        if outcome[0]:
+            die(outcome[0])
+        if self.rank == 0:
+            self.prune(folder.name)
         if self.rank == self.world - 1:
-            print(f"saved {folder}", flush=True)
+            print(f"saved {folder} ({sum(rep[3] for rep in reports):,} bytes in {self.world} files, at most "
+                  f"{max(rep[3] for rep in reports):,} per rank, {time.perf_counter() - t0:.2f} s)", flush=True)
+
+    def prune(self, current):
+        """Rank 0, once `latest` names `current`: keep it and the newest keep_last - 1 complete
+        checkpoints before it; delete older ones and older incomplete folders (failed or crashed
+        saves, never resumable). Folders after `current` (a run that went further before this one
+        resumed from an earlier checkpoint) are left alone: this run overwrites them when it gets there."""
+        if not self.args.keep_last:
+            return
+        step = lambda p: int(p.name[5:])  # noqa: E731  step_000010 -> 10
+        older = sorted((p for p in Path(self.args.save_dir).glob("step_*")
+                        if p.is_dir() and p.name[5:].isdigit() and step(p) < int(current[5:])), key=step)
+        complete = [p for p in older if (p / "meta.json").is_file()]
+        keep = set(complete[-(self.args.keep_last - 1):]) if self.args.keep_last > 1 else set()
+        for p in older:
+            if p not in keep:
+                shutil.rmtree(p, ignore_errors=True)  # a folder it cannot delete stays: never worth a stop
 
     # ------------------------------------------------------------------ resume
     def find(self):
@@ -125,19 +228,29 @@ class Checkpointer:
             meta = json.loads((folder / "meta.json").read_text())
         except (OSError, ValueError) as e:
             die(f"checkpoint {folder.name}: meta.json is unreadable ({e})")
-        lay = meta["layout"]
-        if lay != self.layout:
-            die(f"checkpoint {folder.name} was written with "
-                + " ".join(f"{d}={lay[d]}" for d in LAYOUT) + "; resume with that layout")
+        if "tensors" not in meta:
+            die(f"checkpoint {folder.name} has no tensor index (an older format); resume it with the commit "
+                f"that wrote it")
         for k in MODEL_KEYS:
             old, new = meta["config"].get(k), getattr(self.config, k, None)
             if old != new:
                 die(f"checkpoint {folder.name} is for a model with {k}={old}, this run has {k}={new}; "
                     f"resume with the same --model and shape flags")
+        old, new, a, dp = meta["data"], self.data, self.args, self.layout["dp"]
+        if old["global_batch"] != new["global_batch"]:  # step k must read the same G sequences
+            G = old["global_batch"]
+            per = G // dp  # sequences per dp rank and step
+            mbs = max(m for m in range(1, min(a.micro_batch_size, max(per, 1)) + 1) if per % m == 0) if per else 0
+            fix = (f"use --micro-batch-size {mbs} --grad-acc-steps {per // mbs} with dp {dp}" if G % dp == 0
+                   else f"use a dp that divides {G}")
+            die(f"checkpoint {folder.name} was trained with a global batch of {G} sequences (--micro-batch-size "
+                f"{old['micro_batch_size']} x --grad-acc-steps {old['grad_acc_steps']} x dp {meta['layout']['dp']}), "
+                f"this run has {new['global_batch']} ({a.micro_batch_size} x {a.grad_acc_steps} x dp {dp}); "
+                f"{fix} so step k reads global batch k")
         for k, flags in DATA_KEYS.items():
-            if meta["data"][k] != self.data[k]:
-                die(f"checkpoint {folder.name} was written with {k}={meta['data'][k]}, this run has "
-                    f"{self.data[k]}; resume with the same {flags} so step k reads the same data")
+            if old[k] != new[k]:
+                die(f"checkpoint {folder.name} was written with {k}={old[k]}, this run has "
+                    f"{new[k]}; resume with the same {flags} so step k reads the same data")
         for name, size in sorted(meta["files"].items()):
             f = folder / name
             if not f.is_file():
@@ -149,38 +262,60 @@ class Checkpointer:
 
     @torch.no_grad()
     def resume(self, model, optimizer):
-        """Load this rank's file into model and optimizer; return (first step to run, tokens seen)."""
+        """Fill model and optimizer from a checkpoint of any layout; return (first step to run, tokens seen)."""
         folder = self.find()
         if folder is None:
             if self.rank == self.world - 1:
                 print(f"no checkpoint in {self.args.save_dir} yet: starting from step 0", flush=True)
             return 0, 0
         meta = self.check(folder)
-        name = f"rank{self.rank:05d}.safetensors"
-        core = getattr(model, "module", model)
-        params = dict(core.named_parameters())
-        try:
-            with safe_open(folder / name, "pt") as f:
-                for n, p in params.items():
-                    p.copy_(f.get_tensor(f"model/{n}"))
-                # rebuild optimizer.state_dict() with the saved moments; load_state_dict puts each
-                # tensor on its parameter's device (and `step` where the fused kernel wants it)
-                state = optimizer.state_dict()
-                order = [p for g in optimizer.param_groups for p in g["params"]]
-                index = {id(p): i for i, p in enumerate(order)}
-                keys = set(f.keys())
-                for n, p in params.items():
-                    saved = {k.rsplit("/", 1)[1]: f.get_tensor(k) for k in keys if k.startswith(f"adam/{n}/")}
-                    if saved:
-                        state["state"][index[id(p)]] = saved
-                rng_cpu = f.get_tensor("rng/cpu")
-                rng_cuda = f.get_tensor("rng/cuda") if "rng/cuda" in keys else None
-        except Exception as e:  # a file that passed the size check but does not parse, or lacks a tensor
-            die(f"checkpoint {folder.name}: {name} is unreadable ({str(e).splitlines()[0]})")
+        t0, nbytes, index = time.perf_counter(), 0, meta["tensors"]
+        state = optimizer.state_dict()  # rebuilt with the saved moments; load_state_dict moves them
+        position = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+        # Same layout: every rank's own RNG state. Another layout: rank 0's for everyone; every rank
+        # seeds the same --seed and training draws no random numbers, so all saved states are equal.
+        rng_file = f"rank{self.rank:05d}.safetensors" if meta["layout"] == self.layout else "rank00000.safetensors"
+        handles = {}  # file name -> safe_open handle, opened on first use
+
+        def open_file(fname):
+            if fname not in handles:
+                handles[fname] = safe_open(folder / fname, "pt")
+            return handles[fname]
+
+        def fill(dst, key, region):
+            if key not in index:
+                die(f"checkpoint {folder.name} has no {key}; it was written for another model")
+            try:
+                return read_region(dst, region, index[key], open_file)
+            except Exception as e:  # a file that passed the size check but does not parse
+                files = ", ".join(sorted({f for f, _, _ in index[key]["pieces"]}))
+                die(f"checkpoint {folder.name}: cannot read {key} from {files} ({str(e).splitlines()[0]})")
+
+        for name, p in getattr(model, "module", model).named_parameters():
+            logical, region = self._logical(name), region_of(p)
+            saved_shape = index.get(f"model/{logical}", {}).get("shape")
+            if saved_shape is not None and saved_shape != full_shape(p):
+                die(f"checkpoint {folder.name}: {logical} is {saved_shape}, this model's is {full_shape(p)}; "
+                    f"resume with the same --model and shape flags")
+            nbytes += fill(p.data, f"model/{logical}", region)
+            saved = {}
+            for key in (k for k in index if k.startswith(f"adam/{logical}/")):  # exp_avg, exp_avg_sq, step
+                shape = index[key]["shape"]
+                saved[key.rsplit("/", 1)[1]] = dst = torch.empty(p.shape if shape else (),
+                                                                 dtype=getattr(torch, index[key]["dtype"]))
+                nbytes += fill(dst, key, region if shape else {"box": []})
+            if saved:
+                state["state"][position[id(p)]] = saved
+        with safe_open(folder / rng_file, "pt") as f:
+            rng_cpu = f.get_tensor("rng/cpu")
+            rng_cuda = f.get_tensor("rng/cuda") if "rng/cuda" in f.keys() else None
+        handles.clear()
         optimizer.load_state_dict(state)
         torch.set_rng_state(rng_cpu)
         if rng_cuda is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng_cuda)
         if self.rank == self.world - 1:
-            print(f"resumed from {folder} (step {meta['step']})", flush=True)
+            was = " ".join(f"{d}={meta['layout'][d]}" for d in LAYOUT)
+            print(f"resumed from {folder} (step {meta['step']}, written with {was}): this rank read "
+                  f"{nbytes:,} bytes in {time.perf_counter() - t0:.2f} s", flush=True)
         return meta["step"], meta["tokens"]

@@ -26,7 +26,7 @@ SECTIONS = {  # section -> flags (dests) this maker writes there
     "training": ["seq_len", "micro_batch_size", "grad_acc_steps", "max_steps", "lr", "warmup_steps",
                  "weight_decay", "grad_clip", "seed", "dtype", "device"],
     "data": ["dataset", "tokenizer", "data_cache", "max_tokens"],
-    "checkpoint": ["save_dir", "save_every", "resume", "export_hf"],
+    "checkpoint": ["save_dir", "save_every", "keep_last", "resume", "export_hf"],
     "logging": ["log_file", "peak_tflops"],
 }
 
@@ -97,7 +97,7 @@ def main(argv=None):
                 int if k in ("dp", "pp", "cp", "tp", "num_layers", "hidden_size", "num_heads", "num_kv_heads",
                              "intermediate_size", "vocab_size", "tie_word_embeddings", "seq_len",
                              "micro_batch_size", "grad_acc_steps", "max_steps", "warmup_steps", "seed",
-                             "save_every", "max_tokens") else str)
+                             "save_every", "max_tokens", "keep_last") else str)
             g.add_argument("--" + k.replace("_", "-"), type=typ, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other train.py flag, e.g. --set bucket_size_mb=50 (repeatable)")

@@ -137,8 +137,9 @@ def main():
     autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16) if dtype == "bfloat16"
                 else nullcontext())  # bf16 compute, float32 weights and gradients
     # --- checkpoints ---
-    # Each rank saves and loads its own shards + Adam state; step k always reads global batch k.
-    checkpointer = Checkpointer(args, pgm, config, G, len(sequences))
+    # Each rank saves one copy of its shards + Adam state and resumes under any layout (it reads
+    # the overlaps of what it holds); step k always reads global batch k.
+    checkpointer = Checkpointer(args, pgm, config, G, sequences)
     start_step, tokens_seen = checkpointer.resume(model, optimizer) if args.resume else (0, 0)
 
     def loss_fn(logits, targets):
