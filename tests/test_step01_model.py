@@ -21,11 +21,11 @@ def load_step_module(step, name):
 M = load_step_module("step01_single_gpu", "model")
 
 
-def make_cfg(hidden=64, layers=2, heads=4, kv=2, tie=False, vocab=97, inter=96, theta=10000.0):
+def make_cfg(hidden=64, layers=2, heads=4, kv=2, tie=False, vocab=97, inter=96, theta=10000.0, rope=None, **extra):
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=128,
                       tie_word_embeddings=tie, rms_norm_eps=1e-5,
-                      rope_parameters={"rope_type": "default", "rope_theta": theta})
+                      rope_parameters=rope or {"rope_type": "default", "rope_theta": theta}, **extra)
     cfg._attn_implementation = "eager"
     return cfg
 
@@ -51,17 +51,95 @@ def test_logits_match_transformers(kw, T):
     assert (got - ref).abs().max().item() <= 1e-5
 
 
-def test_loads_save_pretrained_dir(tmp_path):
+# ------------------------------------------------------------------ every LlamaForCausalLM config
+HD = 16  # head_dim of make_cfg's default shape (64 / 4)
+ROPES = {  # one of each RoPE type, with parameters that move the frequencies at T <= 33
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32},
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+                 "short_factor": [1.0 + i / HD for i in range(HD // 2)], "long_factor": [4.0] * (HD // 2)},
+}
+FEATURES = {
+    **{f"rope={k}": dict(rope=v) for k, v in ROPES.items()},
+    "attention_bias": dict(attention_bias=True),
+    "mlp_bias": dict(mlp_bias=True),
+    "head_dim=32": dict(head_dim=32),  # q/o are (128, 64) and (64, 128): not hidden / heads
+    "head_dim=8": dict(head_dim=8),
+    "gqa=4:1": dict(kv=1),
+    "tied": dict(tie=True),
+    "all,tied": dict(rope=ROPES["llama3"], attention_bias=True, mlp_bias=True, head_dim=32, kv=1, tie=True),
+    "all,untied": dict(rope=ROPES["yarn"], attention_bias=True, mlp_bias=True, head_dim=8, heads=8, kv=2),
+}
+
+
+def randomized(hf):
+    """transformers starts biases at 0 and norms at 1, where a mistake in them cannot show: draw them."""
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(".bias") or name.endswith("norm.weight"):
+                p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.5)
+    return hf
+
+
+@pytest.mark.parametrize("kw", FEATURES.values(), ids=FEATURES.keys())
+def test_each_feature_matches_transformers(kw):
+    """Logits equal LlamaForCausalLM's (float32, 1e-5) for each RoPE type, bias and shape, alone and together;
+    the names and shapes of parameters and state_dict are exactly transformers' (RoPE's buffer is not in it)."""
+    torch.manual_seed(0)
+    cfg = make_cfg(**kw)
+    hf = randomized(LlamaForCausalLM(cfg).eval())
+    ours = M.Llama(cfg)
+    ours.load_state_dict(hf.state_dict())  # strict: the same keys
+    assert {n: p.shape for n, p in ours.named_parameters()} == {n: p.shape for n, p in hf.named_parameters()}
+    assert ours.state_dict().keys() == hf.state_dict().keys()
+    x = torch.randint(0, cfg.vocab_size, (3, 33))
+    with torch.no_grad():
+        err = (ours(x) - hf(x).logits).abs().max().item()
+    assert err <= 1e-5, err
+    # RoPE comes from transformers' own initialisation: the same frequencies and scaling, bit for bit
+    assert torch.equal(ours.rope_inv_freq, hf.model.rotary_emb.inv_freq)
+    assert ours.rope_attention_scaling == hf.model.rotary_emb.attention_scaling
+
+
+def test_plain_rope_is_transformers_default_bit_for_bit():
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    for hd, theta in [(16, 10000.0), (64, 100000), (128, 500000.0), (8, 130000.0)]:
+        cfg = make_cfg(hidden=hd * 4, theta=theta)
+        inv_freq, scaling = M.rope_frequencies(cfg)
+        want, want_scaling = LlamaRotaryEmbedding.compute_default_rope_parameters(cfg)
+        assert torch.equal(inv_freq, want) and scaling == want_scaling == 1.0
+    for kind in ("linear", "llama3", "yarn"):  # and the scaled types really move the frequencies
+        assert not torch.equal(M.rope_frequencies(make_cfg(rope=ROPES[kind]))[0], M.rope_frequencies(make_cfg())[0])
+
+
+def test_rope_buffer_is_real_after_materialize_and_biases_start_at_zero():
+    """The model is built on the meta device: RoPE's frequencies are real from the start, move with
+    materialize, and never enter the state_dict; biases start at 0, as in transformers' _init_weights."""
+    cfg = make_cfg(rope=ROPES["llama3"], attention_bias=True, mlp_bias=True)
+    m = fresh(cfg, 5)
+    assert m.rope_inv_freq.device.type == "cpu" and torch.equal(m.rope_inv_freq, M.Llama(cfg).rope_inv_freq)
+    assert "rope_inv_freq" not in m.state_dict()
+    biases = [(n, p) for n, p in m.named_parameters() if n.endswith(".bias")]
+    assert len(biases) == 2 * 7 and all(not p.any() for _, p in biases), [n for n, _ in biases]
+
+
+@pytest.mark.parametrize("kw", [dict(tie=True), dict(rope=ROPES["llama3"], attention_bias=True, mlp_bias=True,
+                                                   head_dim=32)], ids=["tied", "llama3,biases,head_dim"])
+def test_loads_save_pretrained_dir(tmp_path, kw):
     torch.manual_seed(1)
-    cfg = make_cfg(tie=True)
-    hf = LlamaForCausalLM(cfg).eval()
+    cfg = make_cfg(**kw)
+    hf = randomized(LlamaForCausalLM(cfg).eval())
     hf.save_pretrained(tmp_path)  # safetensors; drops the tied lm_head
     assert list(tmp_path.glob("*.safetensors"))
     with torch.device("meta"):
         ours = M.Llama(LlamaConfig.from_pretrained(tmp_path))
     M.materialize(ours, "cpu")
     M.load_hf_weights(ours, tmp_path)
-    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == cfg.tie_word_embeddings
     x = torch.randint(0, cfg.vocab_size, (2, 9))
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-5
@@ -117,3 +195,4 @@ def test_materialize_keeps_ties():
     m = fresh(make_cfg(tie=True), 0)
     assert m.lm_head.weight is m.model.embed_tokens.weight
     assert len(list(m.parameters())) == len({id(p) for p in m.parameters()})
+
