@@ -1,5 +1,7 @@
-"""step01's model against transformers.LlamaForCausalLM, and its initialisation."""
+"""step01's model against transformers.LlamaForCausalLM, its initialisation, and the configs
+make_config refuses."""
 import importlib.util
+import json
 import sys
 
 import pytest
@@ -19,6 +21,7 @@ def load_step_module(step, name):
 
 
 M = load_step_module("step01_single_gpu", "model")
+U = load_step_module("step01_single_gpu", "utils")
 
 
 def make_cfg(hidden=64, layers=2, heads=4, kv=2, tie=False, vocab=97, inter=96, theta=10000.0, rope=None, **extra):
@@ -196,3 +199,58 @@ def test_materialize_keeps_ties():
     assert m.lm_head.weight is m.model.embed_tokens.weight
     assert len(list(m.parameters())) == len({id(p) for p in m.parameters()})
 
+
+# ------------------------------------------------------------------ make_config: what the trainers accept
+def make_config(tmp_path, cfg=None, argv=()):
+    """utils.make_config on a config.json written from `cfg` (a dict), or on argv's --model -> config or
+    the one-line message it stopped with."""
+    if cfg is not None:
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        argv = ["--model", str(tmp_path), *argv]
+    args = U.base_parser("test").parse_args(["--seq-len", "32", *map(str, argv)])
+    try:
+        return U.make_config(args)
+    except SystemExit as e:
+        assert str(e).startswith("error: ") and "\n" not in str(e), str(e)
+        return str(e)
+
+
+LLAMA_JSON = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=97, max_position_embeddings=128)
+
+
+@pytest.mark.parametrize("change, expect", [
+    (dict(model_type="mistral"), "model_type='mistral'"),
+    (dict(sliding_window=4096), "sliding_window=4096 is not implemented"),
+    (dict(hidden_act="gelu"), "hidden_act='gelu' is not implemented"),
+    (dict(attention_dropout=0.1), "attention_dropout=0.1 is not implemented"),
+    (dict(rope_theta=10000.0, rope_scaling={"rope_type": "linear", "factor": 2.0}, partial_rotary_factor=0.5),
+     "partial_rotary_factor=0.5 is not implemented"),
+    (dict(rope_parameters={"rope_type": "su", "rope_theta": 10000.0}), "rope_type 'su' is not one of"),
+    (dict(rope_parameters=dict(ROPES["longrope"], original_max_position_embeddings=16)),
+     "rope_type 'longrope' switches to its long_factor beyond original_max_position_embeddings=16"),
+    (dict(hidden_size=66), "hidden size (66) is not a multiple of the number of attention heads (4)"),
+])
+def test_a_config_the_course_cannot_train_is_one_line_naming_the_key(tmp_path, change, expect):
+    msg = make_config(tmp_path, {**LLAMA_JSON, **change})
+    assert isinstance(msg, str) and expect in msg, msg
+
+
+def test_configs_the_course_trains_load(tmp_path):
+    """Legacy rope_scaling + rope_theta, dynamic RoPE (fixed up to max_position_embeddings), keys set to
+    what the course does anyway."""
+    cfg = make_config(tmp_path, {**LLAMA_JSON, "rope_theta": 500000.0, "rope_interleaved": False,
+                                 "sliding_window": None, "attention_dropout": 0.0, "hidden_act": "silu",
+                                 "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
+    assert cfg.rope_parameters == {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500000.0}
+    too_long = make_config(tmp_path, argv=["--model", tmp_path, "--seq-len", "256"])
+    assert "--seq-len 256 exceeds the model's max_position_embeddings=128" in too_long
+
+
+def test_head_dim_follows_shape_overrides_unless_explicit(tmp_path):
+    assert make_config(tmp_path, LLAMA_JSON, ["--hidden-size", "128"]).head_dim == 32  # 16 = 64 / 4: follows
+    explicit = {**LLAMA_JSON, "head_dim": 32}  # not 64 / 4: kept
+    assert make_config(tmp_path, explicit, ["--num-heads", "2", "--num-kv-heads", "1"]).head_dim == 32
+    assert make_config(tmp_path, explicit, ["--head-dim", "24"]).head_dim == 24
+    assert "head_dim=7 must be even" in make_config(tmp_path, explicit, ["--head-dim", "7"])
+    assert "is not divisible by num_heads=3" in make_config(tmp_path, explicit, ["--num-heads", "3"])
