@@ -30,6 +30,35 @@ PRESETS = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                       max_position_embeddings=4096, tie_word_embeddings=False),
+    # HuggingFaceTB/SmolLM2-135M
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+    # HuggingFaceTB/SmolLM2-360M
+    "smollm2-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                         num_attention_heads=15, num_key_value_heads=5, vocab_size=49152,
+                         max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+    # HuggingFaceTB/SmolLM2-1.7B
+    "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,
+                         max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         rope_parameters={"rope_type": "default", "rope_theta": 130000.0}),
+    # meta-llama/Llama-3.2-1B (its rope_scaling: llama3, factor 32)
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                        max_position_embeddings=131072, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 8192}),
+    # meta-llama/Llama-3.1-8B (its rope_scaling: llama3, factor 8)
+    "llama3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                        max_position_embeddings=131072, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 8192}),
 }
 OVERRIDES = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
              "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",

@@ -1,5 +1,5 @@
-"""step01's model against transformers.LlamaForCausalLM, its initialisation, and the configs
-make_config refuses."""
+"""step01's model against transformers.LlamaForCausalLM, its initialisation, the presets and the
+configs make_config refuses."""
 import importlib.util
 import json
 import sys
@@ -249,8 +249,30 @@ def test_configs_the_course_trains_load(tmp_path):
 
 def test_head_dim_follows_shape_overrides_unless_explicit(tmp_path):
     assert make_config(tmp_path, LLAMA_JSON, ["--hidden-size", "128"]).head_dim == 32  # 16 = 64 / 4: follows
+    assert make_config(tmp_path, argv=["--model", "llama3.2-1b", "--hidden-size", "128", "--num-heads", "4",
+                                       "--num-kv-heads", "2"]).head_dim == 32  # the preset's 64 = 2048 / 32: follows
     explicit = {**LLAMA_JSON, "head_dim": 32}  # not 64 / 4: kept
     assert make_config(tmp_path, explicit, ["--num-heads", "2", "--num-kv-heads", "1"]).head_dim == 32
     assert make_config(tmp_path, explicit, ["--head-dim", "24"]).head_dim == 24
     assert "head_dim=7 must be even" in make_config(tmp_path, explicit, ["--head-dim", "7"])
     assert "is not divisible by num_heads=3" in make_config(tmp_path, explicit, ["--num-heads", "3"])
+
+
+# Parameter totals of the published checkpoints (the hub's safetensors counts; the model cards round them
+# to 135M, 362M, 1.71B, 1.24B and 8.03B).
+PUBLISHED = {"smollm2-135m": 134_515_008, "smollm2-360m": 361_821_120, "smollm2-1.7b": 1_711_376_384,
+             "llama3.2-1b": 1_235_814_400, "llama3.1-8b": 8_030_261_248}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_preset_builds_with_the_published_parameter_count(tmp_path, name):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = make_config(tmp_path, argv=["--model", name])
+    with torch.device("meta"):
+        ours, hf = M.Llama(cfg), LlamaForCausalLM(cfg)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731  (a tied matrix counts once)
+    assert count(ours) == count(hf) == PUBLISHED[name]
+    assert {n: p.shape for n, p in ours.named_parameters()} == {n: p.shape for n, p in hf.named_parameters()}
+    rope = LlamaRotaryEmbedding(cfg)  # transformers' (hd/2,) frequencies for this preset, on the CPU
+    assert torch.equal(ours.rope_inv_freq, rope.inv_freq) and ours.rope_attention_scaling == rope.attention_scaling
