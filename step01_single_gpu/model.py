@@ -1,9 +1,10 @@
 """A Llama decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) in plain PyTorch.
 
 Parameter names and shapes are those of `transformers.LlamaForCausalLM`, so its safetensors
-load directly and the test suite can use transformers as the reference. The file is written
-once for the whole course: later steps parallelise the model from the outside, never by
-editing it.
+load directly and the test suite can use transformers as the reference: any head_dim, q/k/v/o
+biases (attention_bias), MLP biases (mlp_bias), tied or untied embeddings, and every RoPE type
+whose frequencies are fixed (rope_frequencies). The file is written once for the whole course:
+later steps parallelise the model from the outside, never by editing it.
   - attention infers its local head count from tensor shapes, so tensor parallelism can
     swap q/k/v/o for sharded linears (step03);
   - each block's input passes through an nn.Identity (`attn_entry`, `mlp_entry`), where
@@ -36,13 +37,34 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(position_ids, head_dim, theta):
+def rope_frequencies(cfg):
+    """RoPE's inverse frequencies (hd/2,) float32 on the CPU, and the factor cos/sin are scaled by.
+
+    Every rope_type but the plain one comes from transformers' own table (linear, llama3, yarn, ...),
+    so each matches LlamaForCausalLM by construction. transformers 5.x keeps the plain one out of the
+    table (each model class computes it): below is LlamaRotaryEmbedding.compute_default_rope_parameters'
+    formula, checked bit for bit by the tests, which spares every rank importing the modeling code.
+    'dynamic' and 'longrope' change with the sequence length at run time; within the --seq-len that
+    make_config allows they are these fixed frequencies.
+    """
+    rope_type = cfg.rope_parameters.get("rope_type", "default")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    with torch.device("cpu"):  # inside `with torch.device("meta")`: these values are computed, not drawn
+        if rope_type == "default":
+            theta = cfg.rope_parameters["rope_theta"]
+            return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)), 1.0
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")
+    return inv_freq.float(), float(attention_scaling)
+
+
+def rope_cos_sin(position_ids, inv_freq, attention_scaling):
     """cos/sin tables for the given positions: (B, T) -> two (B, T, hd)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device,
-                                             dtype=torch.float32) / head_dim))  # (hd/2,)
     freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)
-    return emb.cos(), emb.sin()
+    # scaled where transformers scales them (yarn, longrope: attention_scaling != 1)
+    return emb.cos() * attention_scaling, emb.sin() * attention_scaling
 
 
 def apply_rope(x, cos, sin):
@@ -66,10 +88,11 @@ class Attention(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         q_dim = cfg.num_attention_heads * self.head_dim
         kv_dim = cfg.num_key_value_heads * self.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
-        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
+        bias = getattr(cfg, "attention_bias", False)
+        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=bias)
+        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=bias)
         self.attn_fn = causal_attention  # step06: ring attention over the cp ranks
 
     def forward(self, x, cos, sin):
@@ -87,9 +110,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        bias = getattr(cfg, "mlp_bias", False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -127,6 +151,9 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        inv_freq, self.rope_attention_scaling = rope_frequencies(cfg)
+        # a buffer: follows the model to its device; not persistent: state_dict keeps exactly the HF names
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)  # (hd/2,)
 
     def forward(self, x, position_ids=None):
         """x: token ids (B, T) -> logits (B, T, V). (step04: a pipeline stage without the embedding
@@ -134,8 +161,7 @@ class Llama(nn.Module):
         B, T = x.shape[:2]
         if position_ids is None:
             position_ids = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
-        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
-        cos, sin = rope_cos_sin(position_ids, head_dim, self.config.rope_parameters["rope_theta"])
+        cos, sin = rope_cos_sin(position_ids, self.rope_inv_freq, self.rope_attention_scaling)
         h = self.model.embed_tokens(x)  # (B, T, D)
         for layer in self.model.layers.values():
             h = layer(h, cos, sin)
@@ -146,10 +172,13 @@ def materialize(model, device):
     """Give a model built on the meta device real (uninitialised) storage on `device`.
 
     Unlike nn.Module.to_empty this keeps tied parameters tied and keeps the Python attributes
-    that step03 on attaches to parameters (.shard, .replicas).
+    that step03 on attaches to parameters (.shard, .replicas). Buffers (RoPE's frequencies) are
+    computed on the CPU even under the meta device: they move with their values.
     """
     new = {}
     for module in model.modules():
+        for name, b in list(module.named_buffers(recurse=False)):
+            setattr(module, name, b.to(device))
         for name, p in list(module.named_parameters(recurse=False)):
             if id(p) not in new:
                 q = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
@@ -188,6 +217,8 @@ def init_weights(model, seed):
             name = "model.embed_tokens.weight"  # step04: a last stage holds lm_head without the embedding
         if name.endswith("norm.weight"):
             full = torch.ones(full_shape(p))
+        elif name.endswith(".bias"):  # linear biases start at zero, as transformers' _init_weights does
+            full = torch.zeros(full_shape(p))
         else:
             g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
             full = torch.empty(full_shape(p)).normal_(0.0, std, generator=g)

@@ -1,6 +1,7 @@
 """Everything the trainers share that is not the lesson: flags, model presets, the learning
 rate schedule, gradient clipping, metrics, and dumping parameters for the tests."""
 import argparse
+import copy
 import json
 import math
 import os
@@ -11,7 +12,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-# Published shapes (config.json of HuggingFaceTB/SmolLM-* and meta-llama/Llama-2-7b-hf).
+# Published shapes (config.json of HuggingFaceTB/SmolLM-* and meta-llama/Llama-2-7b-hf); make_config gives
+# these rms_norm_eps 1e-5 and plain RoPE with theta 10000.
 PRESETS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024, max_position_embeddings=1024,
@@ -28,11 +30,44 @@ PRESETS = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                       max_position_embeddings=4096, tie_word_embeddings=False),
+    # HuggingFaceTB/SmolLM2-135M
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+    # HuggingFaceTB/SmolLM2-360M
+    "smollm2-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                         num_attention_heads=15, num_key_value_heads=5, vocab_size=49152,
+                         max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+    # HuggingFaceTB/SmolLM2-1.7B
+    "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,
+                         max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         rope_parameters={"rope_type": "default", "rope_theta": 130000.0}),
+    # meta-llama/Llama-3.2-1B (its rope_scaling: llama3, factor 32)
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                        max_position_embeddings=131072, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 8192}),
+    # meta-llama/Llama-3.1-8B (its rope_scaling: llama3, factor 8)
+    "llama3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                        max_position_embeddings=131072, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 8192}),
 }
 OVERRIDES = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
              "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
-             "intermediate_size": "intermediate_size", "vocab_size": "vocab_size",
+             "head_dim": "head_dim", "intermediate_size": "intermediate_size", "vocab_size": "vocab_size",
              "tie_word_embeddings": "tie_word_embeddings"}
+# What LlamaForCausalLM can be told that the course's model does not do: key -> the one value it takes.
+NOT_IMPLEMENTED = {"hidden_act": "silu", "attention_dropout": 0.0, "sliding_window": None,
+                   "use_sliding_window": False, "rope_interleaved": False, "partial_rotary_factor": 1.0,
+                   "quantization_config": None}
 
 
 def die(msg):
@@ -70,32 +105,60 @@ def base_parser(description):
 
 
 def make_config(args):
-    """A transformers.LlamaConfig from --model plus the shape overrides, checked."""
+    """A transformers.LlamaConfig from --model plus the shape overrides, checked: anything the course's
+    model would not compute exactly as LlamaForCausalLM does stops here, in one line naming the key.
+
+    --hidden-size/--num-heads: head_dim follows them (hidden / heads), unless the model's head_dim was
+    not hidden / heads (set on purpose in its config.json): that one is kept. --head-dim sets it."""
     from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     if args.model in PRESETS:
-        cfg = LlamaConfig(**PRESETS[args.model], rms_norm_eps=1e-5,
-                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        preset = copy.deepcopy(PRESETS[args.model])
+        cfg = LlamaConfig(**{"rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                             **preset})
     elif (Path(args.model) / "config.json").is_file():
-        cfg = LlamaConfig.from_pretrained(args.model)
+        try:
+            model_type = json.loads((Path(args.model) / "config.json").read_text()).get("model_type")
+            if model_type != "llama":
+                die(f"{args.model}/config.json has model_type={model_type!r}; the course trains model_type "
+                    f"'llama' (transformers.LlamaForCausalLM) only")
+            cfg = LlamaConfig.from_pretrained(args.model)
+        except Exception as e:  # unreadable JSON, or a value LlamaConfig's own validation refuses
+            die(f"{args.model}/config.json: {str(e).strip().splitlines()[-1].strip()}")
     else:
         die(f"--model {args.model} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json")
+    head_dim_follows = cfg.head_dim == cfg.hidden_size // cfg.num_attention_heads
     for flag, key in OVERRIDES.items():
         if getattr(args, flag) is not None:
             setattr(cfg, key, bool(getattr(args, flag)) if key == "tie_word_embeddings" else getattr(args, flag))
-    if any(getattr(args, f) is not None for f in ("hidden_size", "num_heads")):
+    if cfg.hidden_size % cfg.num_attention_heads:  # LlamaConfig refuses it even with an explicit head_dim
+        die(f"hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_attention_heads}; "
+            f"change --hidden-size or --num-heads")
+    if args.head_dim is None and head_dim_follows:
         cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
-    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size and args.model in PRESETS:
-        die(f"hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_attention_heads}")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         die(f"num_heads={cfg.num_attention_heads} is not a multiple of num_kv_heads={cfg.num_key_value_heads}")
     if cfg.head_dim % 2:
-        die(f"head_dim={cfg.head_dim} must be even for rotary embeddings; change --hidden-size or --num-heads")
-    if cfg.rope_parameters.get("rope_type", "default") != "default":
-        die(f"rope_type {cfg.rope_parameters['rope_type']!r} is not supported; only plain RoPE is")
-    if args.seq_len > cfg.max_position_embeddings:
+        die(f"head_dim={cfg.head_dim} must be even for rotary embeddings; change --hidden-size, --num-heads "
+            f"or --head-dim")
+    rope = cfg.rope_parameters
+    for key, value in NOT_IMPLEMENTED.items():
+        got = rope.get(key, getattr(cfg, key, value)) if key == "partial_rotary_factor" else getattr(cfg, key, value)
+        if got != value:
+            die(f"{key}={got!r} is not implemented by the course's Llama (it needs {value!r}); "
+                f"use a config without it")
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+        die(f"rope_type {rope_type!r} is not one of transformers' RoPE types "
+            f"(default, {', '.join(ROPE_INIT_FUNCTIONS)})")
+    if args.seq_len > cfg.max_position_embeddings:  # also keeps 'dynamic' RoPE at its fixed frequencies
         die(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings="
             f"{cfg.max_position_embeddings}; lower --seq-len")
+    original = rope.get("original_max_position_embeddings") or cfg.max_position_embeddings
+    if rope_type == "longrope" and args.seq_len > original:
+        die(f"rope_type 'longrope' switches to its long_factor beyond original_max_position_embeddings="
+            f"{original}, which the course does not do; use --seq-len {original} or less")
     return cfg
 
 

@@ -25,7 +25,7 @@ Communication, all over the tp group, activations x of shape (B, T, D):
   lm_head: 1 all-reduce of B*T*D backward. Loss: 1 all-reduce of B*T (max) + 1 of 2*B*T floats.
   A ring all-reduce of N bytes sends and receives 2*(tp-1)/tp * N bytes per rank.
 Memory: weights, grads and optimizer states of the linears/embedding are 1/tp per rank (norm
-weights stay replicated); activations inside attention/MLP are 1/tp; the (B, T, D) activations
+weights and row-parallel biases stay replicated); activations inside attention/MLP are 1/tp; the (B, T, D) activations
 between blocks are replicated. The logits are never gathered: (B, T, V/tp) per rank.
 
 Sequence parallelism (--sp; Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
@@ -38,8 +38,9 @@ lm_head's input all-gathered. A ring all-reduce is a reduce-scatter followed by 
 so the bytes are those of the all-reduces they replace: (tp-1)/tp * B*T*D sent per rank for
 each. Memory saved per rank and layer: (tp-1)/tp of the (B, T, D) activations the norms and the
 residual keep (the gathered block input is still saved whole, for the linears' weight grads),
-and of every pipeline message. The norm weights now see T/tp tokens on each rank, so their
-grads are partial sums over the sequence: allreduce_sequence_parallel_grads sums them over tp.
+and of every pipeline message. The norm weights (and row-parallel biases) now see T/tp tokens on
+each rank, so their grads are partial sums over the sequence: allreduce_sequence_parallel_grads
+sums them over tp.
 
 Reference: Shoeybi et al. 2019, "Megatron-LM: Training Multi-Billion Parameter Language
 Models Using Model Parallelism", arXiv:1909.08053.
@@ -115,10 +116,10 @@ class CopyToTP(nn.Module):
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T, W (out, in) split by rows: this rank owns out/tp output features.
+    """y = x W^T + b, W (out, in) split by rows: this rank owns out/tp output features (and their bias).
     Input x (..., in) replicated -> output (..., out/tp), sharded on the last dim."""
 
-    def __init__(self, in_features, out_features, group, device=None, copy_input=True, sp=False):
+    def __init__(self, in_features, out_features, group, device=None, copy_input=True, sp=False, bias=False):
         super().__init__()
         rank, size = _rank_size(group)
         assert out_features % size == 0, f"tp={size} does not divide out_features={out_features}"
@@ -127,21 +128,26 @@ class ColumnParallelLinear(nn.Module):
         self.sp = sp  # --sp: the input is (..., T/tp, in), all-gathered along T instead of f
         self.weight = nn.Parameter(torch.empty(out_features // size, in_features, device=device))
         self.weight.shard = (0, rank, size)  # local = full.chunk(size, 0)[rank]
+        self.bias = None
+        if bias:  # one entry per output feature: sharded with them
+            self.bias = nn.Parameter(torch.empty(out_features // size, device=device))
+            self.bias.shard = (0, rank, size)
 
     def forward(self, x):
         if self.copy_input:
             x = gather_sequence(x, self.group) if self.sp else copy_to_tp(x, self.group)
-        return F.linear(x, self.weight)  # (..., out/tp)
+        return F.linear(x, self.weight, self.bias)  # (..., out/tp)
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}/tp (column)"
+        bias = ", bias" if self.bias is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}/tp{bias} (column)"
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T, W (out, in) split by columns: this rank owns in/tp input features.
+    """y = x W^T + b, W (out, in) split by columns: this rank owns in/tp input features; b is whole.
     Input x (..., in/tp) sharded (a column-parallel output) -> output (..., out) replicated."""
 
-    def __init__(self, in_features, out_features, group, device=None, sp=False):
+    def __init__(self, in_features, out_features, group, device=None, sp=False, bias=False):
         super().__init__()
         rank, size = _rank_size(group)
         assert in_features % size == 0, f"tp={size} does not divide in_features={in_features}"
@@ -149,15 +155,21 @@ class RowParallelLinear(nn.Module):
         self.sp = sp  # --sp: reduce-scatter along T instead of g's all-reduce
         self.weight = nn.Parameter(torch.empty(out_features, in_features // size, device=device))
         self.weight.shard = (1, rank, size)  # local = full.chunk(size, 1)[rank]
+        # the same (out,) on every tp rank (no .shard): apply_tensor_parallel sets its .replicas
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
 
     def forward(self, x):
         partial = F.linear(x, self.weight)  # (..., out): this rank's partial sum over in/tp
         if self.sp:  # (B, T, out) partial sums -> (B, T/tp, out) summed: this rank's tokens
-            return scatter_sequence(partial, self.group)
-        return reduce_from_tp(partial, self.group)  # g: all-reduce over tp -> full y on every rank
+            y = scatter_sequence(partial, self.group)
+        else:
+            y = reduce_from_tp(partial, self.group)  # g: all-reduce over tp -> full y on every rank
+        # the bias once, after the sum: added to each partial sum it would count tp times
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self):
-        return f"in_features={self.in_features}/tp, out_features={self.out_features} (row, then g)"
+        bias = ", bias after g" if self.bias is not None else ""
+        return f"in_features={self.in_features}/tp, out_features={self.out_features} (row, then g{bias})"
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -259,8 +271,8 @@ def apply_tensor_parallel(model, group, sp=False):
     def swap(parent, name, cls, **kw):
         old = getattr(parent, name, None)
         if isinstance(old, nn.Linear):
-            assert old.bias is None, f"{name}: tensor-parallel linears here have no bias"
-            setattr(parent, name, cls(old.in_features, old.out_features, group, old.weight.device, **kw))
+            setattr(parent, name, cls(old.in_features, old.out_features, group, old.weight.device,
+                                      bias=old.bias is not None, **kw))
 
     entry = GatherSequence if sp else CopyToTP  # --sp: the block's input arrives split along T
     for layer in model.model.layers.values():
@@ -283,7 +295,7 @@ def apply_tensor_parallel(model, group, sp=False):
             and isinstance(getattr(model, "lm_head", None), ColumnParallelLinear)):
         model.lm_head.weight = new_emb.weight  # same shard (0, rank, tp) of the same (V, D) table
 
-    for p in model.parameters():  # norms: tp identical copies in the grad-norm group
+    for p in model.parameters():  # norms, row-parallel biases: tp identical copies in the grad-norm group
         if not hasattr(p, "shard"):
             p.replicas = tp
     return model
@@ -364,11 +376,12 @@ def check_sp(tokens, tp):
 
 
 def allreduce_sequence_parallel_grads(model, group):
-    """All-reduce (sum) over tp the grads of the weights every tp rank holds whole (the norm gains).
+    """All-reduce (sum) over tp the grads of the weights every tp rank holds whole (the norm gains,
+    and the row-parallel biases o_proj.bias and down_proj.bias if the model has them).
 
-    Under --sp each rank's norms saw only its T/tp tokens, so each of these grads is a partial
-    sum over the sequence; their sum is the grad of the whole sequence, then the same on every
-    rank. One flat all-reduce per step, after backward and before clipping."""
+    Under --sp each rank's norms (and row biases) saw only its T/tp tokens, so each of these grads is
+    a partial sum over the sequence; their sum is the grad of the whole sequence, then the same on
+    every rank. One flat all-reduce per step, after backward and before clipping."""
     grads = [p.grad for p in model.parameters() if not hasattr(p, "shard") and p.grad is not None]
     if not grads or _rank_size(group)[1] == 1:
         return

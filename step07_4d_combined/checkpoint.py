@@ -53,7 +53,8 @@ from utils import atomic_save_file, die
 
 LAYOUT = ("dp", "pp", "cp", "tp")
 MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "tie_word_embeddings")
+              "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias", "mlp_bias",
+              "rope_parameters")
 # Change any of these and "global batch k" is other data: the flags that set each one.
 DATA_KEYS = {"seq_len": "--seq-len", "seed": "--seed",
              "sequences": "--dataset, --tokenizer and --max-tokens (the packed dataset)",

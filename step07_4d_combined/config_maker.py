@@ -21,7 +21,7 @@ TRAIN = Path(__file__).resolve().parent / "train.py"
 
 SECTIONS = {  # section -> flags (dests) this maker writes there
     "distributed": ["dp", "pp", "cp", "tp", "pp_engine"],
-    "model": ["model", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size",
+    "model": ["model", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
               "vocab_size", "tie_word_embeddings", "init_from_hf"],
     "training": ["seq_len", "micro_batch_size", "grad_acc_steps", "max_steps", "lr", "warmup_steps",
                  "weight_decay", "grad_clip", "seed", "dtype", "device"],
@@ -95,7 +95,7 @@ def main(argv=None):
         for k in keys:
             typ = float if k in ("lr", "weight_decay", "grad_clip", "peak_tflops") else (
                 int if k in ("dp", "pp", "cp", "tp", "num_layers", "hidden_size", "num_heads", "num_kv_heads",
-                             "intermediate_size", "vocab_size", "tie_word_embeddings", "seq_len",
+                             "head_dim", "intermediate_size", "vocab_size", "tie_word_embeddings", "seq_len",
                              "micro_batch_size", "grad_acc_steps", "max_steps", "warmup_steps", "seed",
                              "save_every", "max_tokens", "keep_last") else str)
             g.add_argument("--" + k.replace("_", "-"), type=typ, default=None)

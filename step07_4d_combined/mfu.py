@@ -11,12 +11,15 @@ FLOPs per token, forward + backward (Kaplan et al. 2020, Sec. 2.1; Narayanan et 
   N: parameters that take part in a matmul: every decoder linear (q, k, v, o, gate, up, down)
      and the output head (V x D). A (m, n) weight costs 2mn FLOPs per token forward and 4mn
      backward (grad wrt input and wrt weight): 6mn. Not counted: the embedding lookup (a
-     gather, no multiply) and the norm gains (elementwise).
+     gather, no multiply), the norm gains and the linears' biases (attention_bias, mlp_bias:
+     elementwise adds, O(m) per token, not matmul FLOPs).
      Tied embeddings: the one (V, D) matrix is counted once, as the head it multiplies with;
      untied, the head is counted and the embedding table is not. So N (and the head's
      6 x V x D per token) is the same with or without tying, as it must be: the math is the same.
   12 x L x (H x hd) x T: attention scores q k^T and the weighted sum p v, 2 x T x (H x hd)
-     FLOPs each per token and layer forward, x3 with backward. H x hd = hidden for every preset.
+     FLOPs each per token and layer forward, x3 with backward. H x hd is the real q width:
+     hidden_size for most models, not where config.json sets its own head_dim (q and o are then
+     (H hd, D) and (D, H hd), which N counts as they are).
      T is the training sequence length. No discount for the causal mask: the convention of the
      papers above, and what a dense kernel would do (flash attention skips about half).
 Peak: dense bf16 tensor-core FLOP/s from the table below, looked up by the GPU's name, or

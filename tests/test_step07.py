@@ -304,13 +304,43 @@ def hf_config(tie):
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
-def save_hf(path, tie=True, seed=0):
+def llama3_config(tie):
+    """A reduced Llama 3.x with everything the plain config leaves out: llama3 RoPE (scaled below 16 tokens
+    of wavelength), q/k/v/o and MLP biases, head_dim 16 (not 32 / 4: q is (64, 32)), GQA 4:2."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                       tie_word_embeddings=tie, rms_norm_eps=1e-5, attention_bias=True, mlp_bias=True,
+                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 16})
+
+
+def save_hf(path, tie=True, seed=0, config=hf_config):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(hf_config(tie)).eval()
+    model = LlamaForCausalLM(config(tie)).eval()
+    with torch.no_grad():  # transformers starts biases at 0 and norms at 1: draw them, so a lost one shows
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or name.endswith("norm.weight"):
+                p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.5)
     model.save_pretrained(path)
     return model
+
+
+def first_batch_loss(hf, tokenizer_dir, seq_len=32, G=4):
+    """transformers' loss on global batch 0 of the bundled corpus (seed 42), as the trainer sees it."""
+    from transformers import AutoTokenizer
+
+    data = load("data")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    sequences = data.load_sequences(data.DEFAULT_DATASET, tok, seq_len, G)
+    batch = sequences[data.global_batch(len(sequences), 0, G, 42)]  # (G, T + 1)
+    with torch.no_grad():
+        logits = hf(batch[:, :-1]).logits  # (G, T, V)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item(), batch
 
 
 def tensors(path):
@@ -357,6 +387,51 @@ def test_hf_export_with_zero_steps_untied(tmp_path):
     assert_usual_mode(tmp_path / "out" / "model.safetensors")
 
 
+@pytest.mark.parametrize("layout, tie", [(["--tp", "2", "--pp", "2"], True), (["--pp", "2", "--cp", "2"], False)],
+                         ids=["tp2xpp2,tied", "pp2xcp2,untied"])
+def test_hf_round_trip_llama3_biases_head_dim(tmp_path, layout, tie):
+    """A Llama 3.x-style transformers model (llama3 RoPE, attention and MLP biases, explicit head_dim, GQA)
+    -> --init-from-hf -> --export-hf with --lr 0: the same tensors bit for bit (column biases sliced over
+    tp and put back together, row biases whole), and the first batch's loss is transformers' loss."""
+    from transformers import LlamaForCausalLM
+
+    hf = save_hf(tmp_path / "in", tie=tie, seed=2, config=llama3_config)
+    args = ["--init-from-hf", tmp_path / "in", *layout, "--seq-len", "32", "--micro-batch-size", "2",
+            "--grad-acc-steps", "2", "--max-steps", "1", "--lr", "0", "--dtype", "float32", "--device", "cpu",
+            "--export-hf", tmp_path / "out"]
+    got = run_step(STEP, 4, args, tmp_path)
+    a, b = tensors(tmp_path / "in"), tensors(tmp_path / "out")
+    assert set(a) == set(b) and ("lm_head.weight" in b) != tie
+    assert {"model.layers.2.self_attn.o_proj.bias", "model.layers.0.mlp.up_proj.bias"} <= set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    back, info = LlamaForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()), info
+    assert back.config.rope_parameters == hf.config.rope_parameters and back.config.head_dim == 16
+    ref, batch = first_batch_loss(hf, tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(back(batch[:, :-1]).logits, hf(batch[:, :-1]).logits)
+    assert abs(got[0]["loss"] - ref) <= 1e-5 * ref, (got[0]["loss"], ref)
+
+
+def test_llama3_with_biases_trains_like_step01(tmp_path):
+    """The same kind of model trained under tp2 (--sp) x cp2: step01's losses and final weights, so every
+    bias gets its whole gradient (a row-parallel bias under --sp: summed over tp) and RoPE its global
+    zig-zag positions. The first loss is transformers' on the same batch."""
+    hf = save_hf(tmp_path / "in", tie=False, seed=3, config=llama3_config)
+    common = ["--model", tmp_path / "in", "--seq-len", "32", "--micro-batch-size", "2", "--grad-acc-steps", "2",
+              "--max-steps", "4", "--lr", "3e-3", "--warmup-steps", "2", "--dtype", "float32", "--device", "cpu"]
+    got = run_step(STEP, 4, [*common, "--tp", "2", "--sp", "--cp", "2", "--dump-params", tmp_path / "params"],
+                   tmp_path)
+    ref, ref_params = step01_reference(common, tmp_path)
+    assert_same_losses(ref, got, what="tp2 sp x cp2, llama3 + biases + head_dim")
+    full = load_full_params(tmp_path / "params")
+    assert set(full) == set(ref_params) and "model.layers.1.mlp.down_proj.bias" in full
+    for name, t in ref_params.items():
+        assert (full[name] - t).abs().max().item() <= 5e-5, name
+    loss, _ = first_batch_loss(hf, load("data").DEFAULT_TOKENIZER)  # the run's (bundled) tokenizer
+    assert abs(got[0]["loss"] - loss) <= 1e-5 * loss, (got[0]["loss"], loss)
+
+
 def test_hf_dir_whose_shapes_do_not_match_is_one_clear_line(tmp_path):
     save_hf(tmp_path / "in")
     cfg = json.loads((tmp_path / "in" / "config.json").read_text())
@@ -390,6 +465,28 @@ def test_mfu_arithmetic():
                        ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L4", 121.0), ("NVIDIA L40S", 362.05),
                        ("NVIDIA A10G", None), ("Tesla T4", None)]:
         assert mfu.peak_tflops(name) == peak, name
+
+
+def test_mfu_counts_head_dim_and_not_biases():
+    from transformers import LlamaConfig
+
+    mfu = load("mfu")
+    utils = load("utils")
+    # head_dim 32 with hidden 64 and 4 heads: q (128, 64), k/v (64, 64), o (64, 128), mlp 3 x (96, 64);
+    # the biases are elementwise adds, not matmuls: the same N with and without them
+    shape = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=96,
+                 num_hidden_layers=2, vocab_size=128)
+    per_layer = 64 * 128 + 2 * 64 * 64 + 128 * 64 + 3 * 64 * 96  # 43,008
+    for bias in (False, True):
+        cfg = LlamaConfig(**shape, attention_bias=bias, mlp_bias=bias)
+        assert mfu.matmul_params(cfg) == 2 * per_layer + 128 * 64 == 94_208
+        assert mfu.flops_per_token(cfg, 32) == 6 * 94_208 + 12 * 2 * (4 * 32) * 32
+    # llama3.2-1b: per layer q 2048^2 + k,v 2 x 2048 x 512 + o 2048^2 + mlp 3 x 2048 x 8192 = 60,817,408;
+    # x 16 layers + the head 128256 x 2048 = the published 1,235,814,400 less its 33 norm gains of 2048
+    # (the tied table is counted once, as the head)
+    cfg = LlamaConfig(**utils.PRESETS["llama3.2-1b"])
+    assert mfu.matmul_params(cfg) == 16 * 60_817_408 + 128_256 * 2048 == 1_235_814_400 - 33 * 2048 == 1_235_746_816
+    assert mfu.flops_per_token(cfg, 8192) == 6 * 1_235_746_816 + 12 * 16 * 2048 * 8192
 
 
 def test_unknown_config_key_is_one_clear_line(tmp_path):

@@ -26,7 +26,8 @@ def load_tp():
 def test_tp_layers_match_unsharded(tp):
     """Column/row linear, SwiGLU MLP, vocab embedding, vocab-parallel CE, apply_tensor_parallel, and
     their sequence-parallel forms (--sp): block entry, lm_head gather, row reduce-scatter, embedding,
-    norm grads summed over tp, a whole block."""
+    norm grads summed over tp, a whole block; biased column/row linears with and without --sp (a
+    row bias added once, its --sp grad summed over tp), and apply_tensor_parallel with biases and head_dim."""
     proc = torchrun(WORKER, tp, [TP_DIR], timeout=180)
     assert proc.stdout.count("TP_LAYERS_OK") == tp, proc.stdout[-2000:]
 

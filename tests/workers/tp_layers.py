@@ -90,6 +90,40 @@ def check_linears(group):
     close("mlp gate.grad", gate.weight.grad, wgr.grad.chunk(tp, 0)[r])
     close("mlp down.grad", down.weight.grad, wdr.grad.chunk(tp, 1)[r])
 
+    check_biased_linears(group, sp=False)
+
+
+def check_biased_linears(group, sp):
+    """attention_bias / mlp_bias: a column bias is sharded with its output features; a row bias is whole
+    on every rank and added once, after the all-reduce (--sp: after the reduce-scatter, on this rank's
+    tokens, so its grad is a partial sum that allreduce_sequence_parallel_grads completes)."""
+    r, tp = dist.get_rank(group), dist.get_world_size(group)
+    B, T, D, H = 2, 8, 8, 12
+    mine = (lambda t: t.chunk(tp, 1)[r]) if sp else (lambda t: t)  # noqa: E731  this rank's tokens
+    x, g = full(B, T, D, seed=60), full(B, T, D, seed=61)
+    w1, b1 = full(H, D, seed=62) / D**0.5, full(H, seed=63)
+    w2, b2 = full(D, H, seed=64) / H**0.5, full(D, seed=65)
+    xr, w1r, b1r, w2r, b2r = leaf(x), leaf(w1), leaf(b1), leaf(w2), leaf(b2)
+    (F.linear(F.silu(F.linear(xr, w1r, b1r)), w2r, b2r) * g).sum().backward()
+    col, row = ColumnParallelLinear(D, H, group, sp=sp, bias=True), RowParallelLinear(H, D, group, sp=sp, bias=True)
+    assert col.bias.shape == (H // tp,) and col.bias.shard == (0, r, tp)
+    assert row.bias.shape == (D,) and not hasattr(row.bias, "shard")
+    with torch.no_grad():
+        col.weight.copy_(w1.chunk(tp, 0)[r]), col.bias.copy_(b1.chunk(tp, 0)[r])
+        row.weight.copy_(w2.chunk(tp, 1)[r]), row.bias.copy_(b2)
+    xl = leaf(mine(x))
+    yl = row(F.silu(col(xl)))
+    what = "sp " if sp else ""
+    close(f"{what}biased column -> row out", yl, mine(F.linear(F.silu(F.linear(x, w1, b1)), w2, b2)))
+    (yl * mine(g)).sum().backward()
+    if sp:  # each rank's row bias saw only its T/tp tokens: a partial sum until summed over tp
+        allreduce_sequence_parallel_grads(row, group)
+    close(f"{what}biased x.grad", xl.grad, mine(xr.grad))
+    close(f"{what}column bias.grad (sharded)", col.bias.grad, b1r.grad.chunk(tp, 0)[r])
+    close(f"{what}column weight.grad", col.weight.grad, w1r.grad.chunk(tp, 0)[r])
+    close(f"{what}row bias.grad (whole, summed over tp)", row.bias.grad, b2r.grad)
+    close(f"{what}row weight.grad", row.weight.grad, w2r.grad.chunk(tp, 1)[r])
+
 
 def check_embedding(group):
     r, tp = dist.get_rank(group), dist.get_world_size(group)
@@ -225,6 +259,8 @@ def check_sequence_parallel(group):
     close("sp block up.grad", up.weight.grad, w1r.grad.chunk(tp, 0)[r])
     close("sp block norm.grad", sp_n.weight.grad, ref_n.weight.grad)
 
+    check_biased_linears(group, sp=True)
+
 
 def check_size_one_is_noop(group):
     x = full(3, 4, seed=30)
@@ -238,15 +274,16 @@ def check_size_one_is_noop(group):
 class _Layer(nn.Module):  # Llama's attribute layout, without the forward
     def __init__(self, c):
         super().__init__()
-        D, hd = c.hidden_size, c.hidden_size // c.num_attention_heads
+        D, hd = c.hidden_size, getattr(c, "head_dim", c.hidden_size // c.num_attention_heads)
+        ab, mb = getattr(c, "attention_bias", False), getattr(c, "mlp_bias", False)
         self.self_attn, self.mlp = nn.Module(), nn.Module()
         for n, o in [("q_proj", c.num_attention_heads * hd), ("k_proj", c.num_key_value_heads * hd),
                      ("v_proj", c.num_key_value_heads * hd)]:
-            setattr(self.self_attn, n, nn.Linear(D, o, bias=False))
-        self.self_attn.o_proj = nn.Linear(c.num_attention_heads * hd, D, bias=False)
-        self.mlp.gate_proj = nn.Linear(D, c.intermediate_size, bias=False)
-        self.mlp.up_proj = nn.Linear(D, c.intermediate_size, bias=False)
-        self.mlp.down_proj = nn.Linear(c.intermediate_size, D, bias=False)
+            setattr(self.self_attn, n, nn.Linear(D, o, bias=ab))
+        self.self_attn.o_proj = nn.Linear(c.num_attention_heads * hd, D, bias=ab)
+        self.mlp.gate_proj = nn.Linear(D, c.intermediate_size, bias=mb)
+        self.mlp.up_proj = nn.Linear(D, c.intermediate_size, bias=mb)
+        self.mlp.down_proj = nn.Linear(c.intermediate_size, D, bias=mb)
         self.input_layernorm, self.post_attention_layernorm = nn.RMSNorm(D), nn.RMSNorm(D)
 
 
@@ -290,6 +327,22 @@ def check_apply(group):
     with torch.device("meta"):
         m = apply_tensor_parallel(_Shell(cfg), group)
     assert m.lm_head.weight is not m.model.embed_tokens.weight and m.lm_head.weight.shard == (0, r, tp)
+
+    # biases and an explicit head_dim (q: 4 heads x 16 = 64 features, not hidden = 32)
+    biased = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                         intermediate_size=64, vocab_size=64, tie_word_embeddings=False, attention_bias=True,
+                         mlp_bias=True)
+    with torch.device("meta"):
+        m = apply_tensor_parallel(_Shell(biased), group)
+    a, mlp = m.model.layers["0"].self_attn, m.model.layers["0"].mlp
+    for lin, shape in [(a.q_proj, (64 // tp, 32)), (a.k_proj, (64 // tp, 32)), (a.o_proj, (32, 64 // tp)),
+                       (mlp.gate_proj, (64 // tp, 32)), (mlp.down_proj, (32, 64 // tp))]:
+        assert lin.weight.shape == shape, (lin, shape)
+    for lin in (a.q_proj, a.k_proj, a.v_proj, mlp.gate_proj, mlp.up_proj):  # column: sharded with the outputs
+        assert lin.bias.shape == (lin.weight.shape[0],) and lin.bias.shard == (0, r, tp), lin
+    for lin in (a.o_proj, mlp.down_proj):  # row: whole, one of tp copies in the grad norm
+        assert lin.bias.shape == (32,) and not hasattr(lin.bias, "shard") and lin.bias.replicas == tp, lin
+    assert m.lm_head.bias is None
 
     # shapes that tp does not divide: clear error, model untouched
     bad = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=4 if tp == 2 else 2,
