@@ -21,7 +21,9 @@ from context_parallel import check_cp, ring_attention, zigzag_positions, zigzag_
 from data_parallel import DataParallel
 from data import DEFAULT_DATASET, DEFAULT_TOKENIZER, global_batch, load_sequences, load_tokenizer
 from hf_interop import add_hf_args, export_hf, load_hf, resolve_hf_source
+from memory import MemoryReport, add_memory_args, apply_recompute, describe, predict
 from mfu import MFU, add_mfu_args
+from zero import ShardedAdamW, ZeroDataParallel
 from model import Llama, init_weights, materialize
 from pipeline_parallel import apply_pipeline_parallel, check_pp, sync_tied_embeddings, train_step
 from process_group_manager import ProcessGroupManager, init_distributed, shutdown_distributed
@@ -45,6 +47,7 @@ def main():
     add_checkpoint_args(parser)
     add_hf_args(parser)
     add_mfu_args(parser)
+    add_memory_args(parser)
     apply_config_file(parser)  # --config FILE.json: its values become the defaults, flags still win
     args = parser.parse_args()
 
@@ -90,6 +93,9 @@ def main():
     if pgm.cp_size > 1:
         for layer in model.model.layers.values():
             layer.self_attn.attn_fn = partial(ring_attention, group=pgm.cp_group)
+    # --- memory ---
+    if args.recompute:  # each layer keeps only its inputs; backward runs its forward again
+        apply_recompute(model, count_inputs=args.memory_report)
     materialize(model, device)
     init_weights(model, args.seed)
     if os.path.isdir(args.model) and any(f.endswith(".safetensors") for f in os.listdir(args.model)):
@@ -97,7 +103,11 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     # --- data parallel ---
     # Gradients are all-reduced over dp in buckets as soon as backward produces them.
-    model = DataParallel(model, pgm.cp_dp_group, args.bucket_size_mb)  # each cp rank saw only its tokens
+    args.zero = args.zero if args.dp * args.cp > 1 else 0  # one replica: nothing to shard
+    if args.zero:  # --zero 1: reduce-scatter instead of all-reduce; each rank steps 1/(dp x cp) of it
+        model = ZeroDataParallel(model, pgm, args.bucket_size_mb)
+    else:
+        model = DataParallel(model, pgm.cp_dp_group, args.bucket_size_mb)  # each cp rank saw only its tokens
     dist.barrier()  # NCCL: a subgroup's first point-to-point must not be the first collective
 
     # --- data ---
@@ -134,6 +144,8 @@ def main():
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=(device == "cuda"))
+    if args.zero:  # the same AdamW over this rank's slices; its step() all-gathers the parameters
+        optimizer = ShardedAdamW(model, optimizer)
     autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16) if dtype == "bfloat16"
                 else nullcontext())  # bf16 compute, float32 weights and gradients
     # --- checkpoints ---
@@ -167,8 +179,14 @@ def main():
               f"{args.seq_len} tokens | global batch {G} sequences | {device} {dtype}")
     metrics = Metrics(args.log_file, enabled=is_logger)
     mfu = MFU(config, args.seq_len, world_size, device, args.peak_tflops)  # model FLOPs / peak, see mfu.py
+    prediction = predict(config, B=args.micro_batch_size, T=args.seq_len, grad_acc=args.grad_acc_steps, dp=args.dp,
+                         pp=args.pp, cp=args.cp, tp=args.tp, stage=pgm.pp_rank, sp=args.sp, dtype=dtype,
+                         recompute=args.recompute, zero=args.zero, schedule=args.pp_engine,
+                         bucket_size_mb=args.bucket_size_mb, zero_rank=pgm.dp_rank * pgm.cp_size + pgm.cp_rank)
+    memory = MemoryReport(args.memory_report, model, optimizer, prediction)  # step 0: measured beside it
     if is_logger:
         print(mfu.describe())
+        print(f"memory per rank of stage {pgm.pp_rank}, predicted: {describe(prediction)}")
     peak_inflight = 0  # the most micro-batches this stage held at once, over the run
     for step in range(start_step, args.max_steps):
         t0 = time.perf_counter()
@@ -188,8 +206,11 @@ def main():
         model.finish_gradient_synchronization()  # wait for the buckets: grads are the dp average
         if args.sp:  # each tp rank's norms saw only its T/tp tokens: all-reduce their grads over tp
             allreduce_sequence_parallel_grads(model, pgm.tp_group)
-        sync_tied_embeddings(model, pgm)  # all-reduce over {first, last stage}: the tied weight's two uses
-        grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip, pgm.mp_group)
+        if args.zero:  # the slices' squares, summed over the world, make the whole model's norm
+            grad_norm = clip_grad_norm_(model.shards, args.grad_clip, dist.group.WORLD)
+        else:
+            sync_tied_embeddings(model, pgm)  # all-reduce over {first, last stage}: the tied weight's two uses
+            grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip, pgm.mp_group)
         crash_here("AT_STEP", step)  # tests: a job killed mid-step (grads computed, weights not yet updated)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -201,7 +222,7 @@ def main():
         tokens_seen += G * args.seq_len
         metrics.log(step=step, loss=loss_avg, lr=lr, grad_norm=grad_norm.item(), tokens=tokens_seen,
                     tokens_per_s=G * args.seq_len / dt, step_time_s=dt, mem_gib=memory_gib(device),
-                    **mfu(G * args.seq_len / dt))
+                    **mfu(G * args.seq_len / dt), **memory.log(step))
         checkpointer.maybe_save(step, model, optimizer, tokens_seen)
 
     if pgm.pp_size > 1:  # once per run, not per step: all-gather over pp of every stage's peak
