@@ -205,7 +205,7 @@ def main():
 
         model.finish_gradient_synchronization()  # wait for the buckets: grads are the dp average
         if args.sp:  # each tp rank's norms saw only its T/tp tokens: all-reduce their grads over tp
-            allreduce_sequence_parallel_grads(model, pgm.tp_group)
+            allreduce_sequence_parallel_grads(model.shards if args.zero else model.parameters(), pgm.tp_group)
         if args.zero:  # the slices' squares, summed over the world, make the whole model's norm
             grad_norm = clip_grad_norm_(model.shards, args.grad_clip, dist.group.WORLD)
         else:

@@ -79,6 +79,8 @@ class ZeroDataParallel(DataParallel):
                     continue
                 piece = p.detach().view(-1)[a - lo:z - lo]  # a view: stepping it steps p
                 piece.decay, piece.replicas = p.dim() >= 2, getattr(p, "replicas", 1)
+                if hasattr(p, "shard"):  # a slice of a tp shard (what --sp's grad sum leaves alone)
+                    piece.shard = p.shard
                 piece.source = (p, a - lo)  # which parameter, from which flat offset (checkpoints)
                 b.pieces.append((piece, a - lo_r))
                 shards.append(piece)

@@ -14,14 +14,15 @@ import sys
 import pytest
 from transformers import LlamaConfig
 
-from launch import REPO, TINY, assert_matches_step01
+from launch import REPO, TINY, assert_matches_step01, assert_same_losses, run_step
 
 STEP = "step07_4d_combined"
-COMMON = [*TINY, "--max-steps", "6", "--grad-acc-steps", "2", "--memory-report"]
+COMMON = [*TINY, "--max-steps", "6", "--grad-acc-steps", "2"]
+REPORT = ["--memory-report"]  # step07's flags go with the layout: step01 is run with COMMON and extra alone
 
-LAYOUTS = {  # name: (processes, layout flags, extra flags, step01's grad_acc for the same global batch)
-    "dp2-pp2-cp2-afab-tied-zero-recompute": (8, ["--dp", 2, "--pp", 2, "--cp", 2, "--pp-engine", "afab"],
-                                             ["--tie-word-embeddings", 1, "--zero", 1, "--recompute"], 4),
+LAYOUTS = {  # name: (processes, step07's layout flags, flags for both, step01's grad_acc for the same global batch)
+    "dp2-pp2-cp2-afab-tied-zero-recompute": (8, ["--dp", 2, "--pp", 2, "--cp", 2, "--pp-engine", "afab", "--zero", 1,
+                                                 "--recompute"], ["--tie-word-embeddings", 1], 4),
     "dp2-cp2-tp2-sp-zero": (8, ["--dp", 2, "--cp", 2, "--tp", 2, "--sp", "--zero", 1], [], 4),
     "pp2-cp2-tp2-1f1b-recompute": (8, ["--pp", 2, "--cp", 2, "--tp", 2, "--recompute"], ["--grad-acc-steps", 4], 4),
     "pp2-afab": (2, ["--pp", 2, "--pp-engine", "afab"], ["--grad-acc-steps", 4], 4),
@@ -29,14 +30,26 @@ LAYOUTS = {  # name: (processes, layout flags, extra flags, step01's grad_acc fo
 }
 
 
-@pytest.fixture(scope="module", params=list(LAYOUTS), ids=list(LAYOUTS))
+ZERO = "dp2-pp2-cp2-afab-tied-zero-recompute"  # also saves at step 3, for the resume tests
+_RUNS = {}
+
+
+def train(name, work):
+    """Run layout `name` once per session (it is also compared with step01); -> its metrics."""
+    if name not in _RUNS:
+        nproc, layout, extra, ref_acc = LAYOUTS[name]
+        layout = [*layout, *REPORT]
+        if name == ZERO:
+            layout += ["--save-dir", work / "zero_ckpt", "--save-every", 3]
+        check_params = nproc == 8  # the 8-process layouts are also compared weight by weight
+        _RUNS[name], _ = assert_matches_step01(STEP, nproc, [*COMMON, *extra], layout, ref_grad_acc=ref_acc,
+                                               workdir=work, params=check_params)
+    return _RUNS[name]
+
+
+@pytest.fixture(params=list(LAYOUTS), ids=list(LAYOUTS))
 def run(request, tmp_path_factory):
-    nproc, layout, extra, ref_acc = LAYOUTS[request.param]
-    work = tmp_path_factory.getbasetemp()
-    check_params = nproc == 8  # the 8-process layouts are also compared weight by weight
-    got, _ = assert_matches_step01(STEP, nproc, [*COMMON, *extra], layout, ref_grad_acc=ref_acc, workdir=work,
-                                   params=check_params)
-    return request.param, got
+    return request.param, train(request.param, tmp_path_factory.getbasetemp())
 
 
 def test_equals_step01_and_prediction_matches(run):
@@ -84,3 +97,19 @@ def test_shipped_gpu_configs_fit_80_gb():
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.strip().splitlines()[-1].endswith("fits in 80 GiB"), (config.name, proc.stdout)
+
+
+@pytest.mark.parametrize("how", ["same layout", "no zero, dp1"])
+def test_resume_a_zero_checkpoint(how, tmp_path_factory):
+    """A --zero 1 checkpoint (each rank's slices of AdamW's state) resumes bit for bit under its own
+    layout, and under a layout without ZeRO (the slices are read back into whole moments)."""
+    work = tmp_path_factory.getbasetemp()
+    straight = train(ZERO, work)
+    nproc, layout, extra, _ = LAYOUTS[ZERO]
+    if how == "no zero, dp1":
+        nproc, layout, extra = 4, ["--pp", 2, "--cp", 2, "--pp-engine", "afab", "--recompute"], []
+        extra = ["--tie-word-embeddings", 1, "--grad-acc-steps", 4]  # dp1: the same global batch of 8 sequences
+    resumed = run_step(STEP, nproc, [*COMMON, *layout, *extra, "--resume", work / "zero_ckpt" / "step_000003"],
+                       work, tag=f"zero_resume_{how.replace(' ', '_').replace(',', '')}")
+    assert [m["step"] for m in resumed] == [3, 4, 5]
+    assert_same_losses(straight[3:], resumed, rtol=1e-6 if how == "same layout" else 1e-4, what=how)
