@@ -190,6 +190,14 @@ def predict(cfg, *, B, T, grad_acc, dp=1, pp=1, cp=1, tp=1, stage=None, sp=False
     return out
 
 
+def predict_run(cfg, args, pgm, dtype):
+    """predict() for this rank of a train.py run."""
+    return predict(cfg, B=args.micro_batch_size, T=args.seq_len, grad_acc=args.grad_acc_steps, dp=pgm.dp_size,
+                   pp=pgm.pp_size, cp=pgm.cp_size, tp=pgm.tp_size, stage=pgm.pp_rank, sp=args.sp, dtype=dtype,
+                   recompute=args.recompute, zero=args.zero, schedule=args.pp_engine,
+                   bucket_size_mb=args.bucket_size_mb, zero_rank=pgm.dp_rank * pgm.cp_size + pgm.cp_rank)
+
+
 def describe(pred):
     keys = ("weights", "gradients", "buckets", "optimizer", "activations", "transient", "peak")
     unit, name = (GIB, "GiB") if pred["peak"] >= GIB else (2**20, "MiB")

@@ -1,6 +1,7 @@
-"""Step 07: the complete 4D trainer, plus what a real run needs: MFU in the log line,
-checkpoints that resume exactly, Hugging Face weights in and out, config files, multi-node
-launch: world = dp x pp x cp x tp.
+"""Step 07: the complete 4D trainer, plus what a real run needs: MFU in the log line, the memory
+per rank predicted (and measured), activation recomputation and ZeRO-1, checkpoints that
+resume under any layout, Hugging Face weights in and out, config files, multi-node launch:
+world = dp x pp x cp x tp.
 
 Same seed, same global batch and same per-step loss as step01. README.md has the commands.
 """
@@ -21,9 +22,8 @@ from context_parallel import check_cp, ring_attention, zigzag_positions, zigzag_
 from data_parallel import DataParallel
 from data import DEFAULT_DATASET, DEFAULT_TOKENIZER, global_batch, load_sequences, load_tokenizer
 from hf_interop import add_hf_args, export_hf, load_hf, resolve_hf_source
-from memory import MemoryReport, add_memory_args, apply_recompute, describe, predict
+from memory import MemoryReport, add_memory_args, apply_recompute, describe, predict_run
 from mfu import MFU, add_mfu_args
-from zero import ShardedAdamW, ZeroDataParallel
 from model import Llama, init_weights, materialize
 from pipeline_parallel import apply_pipeline_parallel, check_pp, sync_tied_embeddings, train_step
 from process_group_manager import ProcessGroupManager, init_distributed, shutdown_distributed
@@ -31,6 +31,7 @@ from tensor_parallel import (allreduce_sequence_parallel_grads, apply_tensor_par
                              check_tp_divisibility, vocab_parallel_cross_entropy)
 from utils import (Metrics, base_parser, clip_grad_norm_, die, dump_params, lr_at, make_config,
                    memory_gib, resolve_device_dtype)
+from zero import ShardedAdamW, ZeroDataParallel
 
 
 def main():
@@ -179,11 +180,8 @@ def main():
               f"{args.seq_len} tokens | global batch {G} sequences | {device} {dtype}")
     metrics = Metrics(args.log_file, enabled=is_logger)
     mfu = MFU(config, args.seq_len, world_size, device, args.peak_tflops)  # model FLOPs / peak, see mfu.py
-    prediction = predict(config, B=args.micro_batch_size, T=args.seq_len, grad_acc=args.grad_acc_steps, dp=args.dp,
-                         pp=args.pp, cp=args.cp, tp=args.tp, stage=pgm.pp_rank, sp=args.sp, dtype=dtype,
-                         recompute=args.recompute, zero=args.zero, schedule=args.pp_engine,
-                         bucket_size_mb=args.bucket_size_mb, zero_rank=pgm.dp_rank * pgm.cp_size + pgm.cp_rank)
-    memory = MemoryReport(args.memory_report, model, optimizer, prediction)  # step 0: measured beside it
+    prediction = predict_run(config, args, pgm, dtype)  # this rank's bytes, from the config (memory.py)
+    memory = MemoryReport(args.memory_report, model, optimizer, prediction)  # the first step: measured too
     if is_logger:
         print(mfu.describe())
         print(f"memory per rank of stage {pgm.pp_rank}, predicted: {describe(prediction)}")

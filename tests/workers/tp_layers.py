@@ -117,7 +117,7 @@ def check_biased_linears(group, sp):
     close(f"{what}biased column -> row out", yl, mine(F.linear(F.silu(F.linear(x, w1, b1)), w2, b2)))
     (yl * mine(g)).sum().backward()
     if sp:  # each rank's row bias saw only its T/tp tokens: a partial sum until summed over tp
-        allreduce_sequence_parallel_grads(row, group)
+        allreduce_sequence_parallel_grads(row.parameters(), group)
     close(f"{what}biased x.grad", xl.grad, mine(xr.grad))
     close(f"{what}column bias.grad (sharded)", col.bias.grad, b1r.grad.chunk(tp, 0)[r])
     close(f"{what}column weight.grad", col.weight.grad, w1r.grad.chunk(tp, 0)[r])
