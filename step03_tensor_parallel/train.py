@@ -137,7 +137,7 @@ def main():
 
         model.finish_gradient_synchronization()  # wait for the buckets: grads are the dp average
         if args.sp:  # each tp rank's norms saw only its T/tp tokens: all-reduce their grads over tp
-            allreduce_sequence_parallel_grads(model, pgm.tp_group)
+            allreduce_sequence_parallel_grads(model.parameters(), pgm.tp_group)
         grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip, pgm.mp_group)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -153,7 +153,7 @@ def main():
 
         model.finish_gradient_synchronization()  # wait for the buckets: grads are the dp average
         if args.sp:  # each tp rank's norms saw only its T/tp tokens: all-reduce their grads over tp
-            allreduce_sequence_parallel_grads(model, pgm.tp_group)
+            allreduce_sequence_parallel_grads(model.parameters(), pgm.tp_group)
         sync_tied_embeddings(model, pgm)  # all-reduce over {first, last stage}: the tied weight's two uses
         grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip, pgm.mp_group)
         optimizer.step()

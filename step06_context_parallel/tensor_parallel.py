@@ -375,14 +375,14 @@ def check_sp(tokens, tp):
                          f"which does not divide them; change --seq-len")
 
 
-def allreduce_sequence_parallel_grads(model, group):
+def allreduce_sequence_parallel_grads(params, group):
     """All-reduce (sum) over tp the grads of the weights every tp rank holds whole (the norm gains,
     and the row-parallel biases o_proj.bias and down_proj.bias if the model has them).
 
     Under --sp each rank's norms (and row biases) saw only its T/tp tokens, so each of these grads is
     a partial sum over the sequence; their sum is the grad of the whole sequence, then the same on
     every rank. One flat all-reduce per step, after backward and before clipping."""
-    grads = [p.grad for p in model.parameters() if not hasattr(p, "shard") and p.grad is not None]
+    grads = [p.grad for p in params if not hasattr(p, "shard") and p.grad is not None]
     if not grads or _rank_size(group)[1] == 1:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])  # (n,)

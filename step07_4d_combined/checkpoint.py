@@ -14,7 +14,9 @@ A piece is a region of the global tensor (reshard.py): a box such as a tp chunk,
 One copy of each piece is written: dp and cp replicas are identical, so are the tp copies of
 unsharded tensors and a tied lm_head on the last stage (= model.embed_tokens). Ranks with
 dp = cp = 0 write their slices (tp rank 0 the unsharded tensors and every `step`), the others
-their RNG state only. Bytes: 12 x parameters in all (float32 weights + two moments), at most
+their RNG state only. With --zero 1 (zero.py) every dp x cp rank also writes AdamW's state of
+its own slices: flat ranges of the parameters, region {"box", "flat": [a, b]}, which any layout,
+ZeRO or not, reads back. Bytes: 12 x parameters in all (float32 weights + two moments), at most
 12 x parameters / (tp x pp) on one rank.
 
 Save: every rank writes its file (temporary name, fsync, rename); one all_gather_object over the
@@ -117,24 +119,35 @@ class Checkpointer:
         if a.save_dir and ((a.save_every and done % a.save_every == 0) or done == a.max_steps):
             self.save(done, model, optimizer, tokens)
 
+    @staticmethod
+    def stepped(model, optimizer):
+        """(name, parameter, the tensor AdamW steps, its region): the parameter itself, or with
+        --zero 1 this rank's flat slice [a, b) of it (region {"box": ..., "flat": [a, b]})."""
+        names = {id(p): n for n, p in getattr(model, "module", model).named_parameters()}
+        for group in optimizer.param_groups:
+            for t in group["params"]:
+                p, offset = getattr(t, "source", (t, None))  # zero.py marks its slices with .source
+                region = region_of(p)
+                if offset is not None:
+                    region = {**region, "flat": [offset, offset + t.numel()]}
+                yield names[id(p)], p, t, region
+
     def pieces(self, model, optimizer):
-        """(key, tensor, global shape, region) this rank writes: one copy of every piece (docstring).
-        ZeRO-1 would yield here, from every dp x cp rank, its range [a, b) of each moment's flattened
-        local shard as region {"box": region_of(p)["box"], "flat": [a, b]}; read_region reads it as is."""
-        pgm = self.pgm
-        if pgm.dp_rank or pgm.cp_rank:  # a replica of the dp = cp = 0 rank with the same pp, tp
-            return
+        """(key, tensor, global shape, region) this rank writes: one copy of every piece (docstring)."""
+        pgm, replica = self.pgm, bool(self.pgm.dp_rank or self.pgm.cp_rank)  # dp = cp = 0 writes the copies
+        zero = hasattr(model, "shards")  # --zero 1: every dp x cp rank holds its own slice of AdamW's state
         for name, p in getattr(model, "module", model).named_parameters():
-            if self._logical(name) != name:
-                continue  # the tied copy: model.embed_tokens.weight is written by the first stage
-            region, first = region_of(p), pgm.tp_rank == 0  # tp copies of unsharded tensors are equal
-            if hasattr(p, "shard") or first:
-                yield f"model/{name}", p, full_shape(p), region
-            for k, v in optimizer.state.get(p, {}).items():  # exp_avg, exp_avg_sq: like p; step: ()
+            if self._logical(name) == name and not replica and (hasattr(p, "shard") or pgm.tp_rank == 0):
+                yield f"model/{name}", p, full_shape(p), region_of(p)  # tp copies of unsharded tensors are equal
+        for name, p, t, region in self.stepped(model, optimizer):
+            if self._logical(name) != name or (replica and not zero) or (not hasattr(p, "shard") and pgm.tp_rank):
+                continue  # the tied copy (written as model.embed_tokens.weight), or a copy of what is written
+            for k, v in optimizer.state.get(t, {}).items():  # exp_avg, exp_avg_sq: like t; step: ()
                 v = torch.as_tensor(v)
-                if v.dim() == 0 and first:
-                    yield f"adam/{name}/{k}", v, [], {"box": []}
-                elif v.dim() and (hasattr(p, "shard") or first):
+                if v.dim() == 0:  # equal in every copy: one holder writes it
+                    if pgm.tp_rank == 0 and region.get("flat", [0])[0] == 0:
+                        yield f"adam/{name}/{k}", v, [], {"box": []}
+                else:
                     yield f"adam/{name}/{k}", v, full_shape(p), region
 
     def _latest_note(self):
@@ -293,20 +306,21 @@ class Checkpointer:
                 die(f"checkpoint {folder.name}: cannot read {key} from {files} ({str(e).splitlines()[0]})")
 
         for name, p in getattr(model, "module", model).named_parameters():
-            logical, region = self._logical(name), region_of(p)
+            logical = self._logical(name)
             saved_shape = index.get(f"model/{logical}", {}).get("shape")
             if saved_shape is not None and saved_shape != full_shape(p):
                 die(f"checkpoint {folder.name}: {logical} is {saved_shape}, this model's is {full_shape(p)}; "
                     f"resume with the same --model and shape flags")
-            nbytes += fill(p.data, f"model/{logical}", region)
-            saved = {}
+            nbytes += fill(p.data, f"model/{logical}", region_of(p))
+        for name, p, t, region in self.stepped(model, optimizer):  # with --zero 1: this rank's slices
+            logical, saved = self._logical(name), {}
             for key in (k for k in index if k.startswith(f"adam/{logical}/")):  # exp_avg, exp_avg_sq, step
                 shape = index[key]["shape"]
-                saved[key.rsplit("/", 1)[1]] = dst = torch.empty(p.shape if shape else (),
+                saved[key.rsplit("/", 1)[1]] = dst = torch.empty(t.shape if shape else (),
                                                                  dtype=getattr(torch, index[key]["dtype"]))
                 nbytes += fill(dst, key, region if shape else {"box": []})
             if saved:
-                state["state"][position[id(p)]] = saved
+                state["state"][position[id(t)]] = saved
         with safe_open(folder / rng_file, "pt") as f:
             rng_cpu = f.get_tensor("rng/cpu")
             rng_cuda = f.get_tensor("rng/cuda") if "rng/cuda" in f.keys() else None

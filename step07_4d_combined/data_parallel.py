@@ -38,20 +38,28 @@ from torch import nn
 class Bucket:
     """A contiguous fp32 buffer holding the flattened gradients of a few parameters."""
 
-    def __init__(self, index, params):
+    def __init__(self, index, params, size=None):
         self.index = index
         self.params = params
         self.slices, lo = [], 0
         for p in params:
             self.slices.append((lo, lo + p.numel()))
             lo += p.numel()
-        self.buffer = torch.zeros(lo, dtype=torch.float32, device=params[0].device)
+        self.buffer = torch.zeros(size or lo, dtype=torch.float32, device=params[0].device)  # size: padded
         self.work = None  # the async all-reduce in flight
         self.reset()
 
     def reset(self):
         self.ready = [False] * len(self.params)  # grad of params[i] is final for this step
         self.pending = len(self.params)
+
+    def flatten_grads(self):
+        for p, (lo, hi) in zip(self.params, self.slices):
+            flat = self.buffer[lo:hi]  # (numel,)
+            if p.grad is None:  # unused this step on this rank: contributes zero
+                flat.zero_()
+            else:
+                flat.copy_(p.grad.reshape(-1))  # (numel,) <- param shape
 
 
 class DataParallel(nn.Module):
@@ -66,7 +74,18 @@ class DataParallel(nn.Module):
         for p in params:
             assert p.dtype == torch.float32, "params must be fp32 (use autocast for bf16)"
             assert p.device.type != "meta", "wrap the model after materialize()"
-        # Reverse registration order: backward finishes the last layers first.
+        self.buckets = []
+        self._next = 0  # first bucket not yet launched this step
+        if self.world > 1:  # group of 1: nothing to average, no buckets, no hooks, no communication
+            self.buckets = self.make_buckets(params, bucket_size_mb)
+            me = weakref.ref(self)  # weakly: hooks live in C++, beyond gc (test_clean_exit.py)
+            for b in self.buckets:
+                for i, p in enumerate(b.params):
+                    p.register_post_accumulate_grad_hook(partial(_grad_ready, me, b.index, i))
+
+    def make_buckets(self, params, bucket_size_mb):
+        """Pack the parameters into buckets of ~bucket_size_mb, in reverse registration order:
+        backward finishes the last layers first."""
         cap = bucket_size_mb * 2**20
         groups, cur, cur_bytes = [], [], 0
         for p in reversed(params):
@@ -77,13 +96,7 @@ class DataParallel(nn.Module):
                 cur, cur_bytes = [], 0
         if cur:
             groups.append(cur)
-        self.buckets = [Bucket(i, ps) for i, ps in enumerate(groups)]
-        self._next = 0  # first bucket not yet launched this step
-        if self.world > 1:  # group of 1: nothing to average, no hooks, no communication
-            me = weakref.ref(self)  # weakly: hooks live in C++, beyond gc (test_clean_exit.py)
-            for b in self.buckets:
-                for i, p in enumerate(b.params):
-                    p.register_post_accumulate_grad_hook(partial(_grad_ready, me, b.index, i))
+        return [Bucket(i, ps) for i, ps in enumerate(groups)]
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -109,12 +122,7 @@ class DataParallel(nn.Module):
             self._next += 1
 
     def _launch(self, bucket):
-        for p, (lo, hi) in zip(bucket.params, bucket.slices):
-            flat = bucket.buffer[lo:hi]  # (numel,)
-            if p.grad is None:  # unused this step on this rank: contributes zero
-                flat.zero_()
-            else:
-                flat.copy_(p.grad.reshape(-1))  # (numel,) <- param shape
+        bucket.flatten_grads()
         # all-reduce (SUM) over the data-parallel group, async: autograd keeps computing the
         # earlier layers' grads while this bucket is on the wire.
         bucket.work = dist.all_reduce(bucket.buffer, op=dist.ReduceOp.SUM, group=self.group, async_op=True)

@@ -1,6 +1,7 @@
-"""Step 07: the complete 4D trainer, plus what a real run needs: MFU in the log line,
-checkpoints that resume exactly, Hugging Face weights in and out, config files, multi-node
-launch: world = dp x pp x cp x tp.
+"""Step 07: the complete 4D trainer, plus what a real run needs: MFU in the log line, the memory
+per rank predicted (and measured), activation recomputation and ZeRO-1, checkpoints that
+resume under any layout, Hugging Face weights in and out, config files, multi-node launch:
+world = dp x pp x cp x tp.
 
 Same seed, same global batch and same per-step loss as step01. README.md has the commands.
 """
@@ -21,6 +22,7 @@ from context_parallel import check_cp, ring_attention, zigzag_positions, zigzag_
 from data_parallel import DataParallel
 from data import DEFAULT_DATASET, DEFAULT_TOKENIZER, global_batch, load_sequences, load_tokenizer
 from hf_interop import add_hf_args, export_hf, load_hf, resolve_hf_source
+from memory import MemoryReport, add_memory_args, apply_recompute, describe, predict_run
 from mfu import MFU, add_mfu_args
 from model import Llama, init_weights, materialize
 from pipeline_parallel import apply_pipeline_parallel, check_pp, sync_tied_embeddings, train_step
@@ -29,6 +31,7 @@ from tensor_parallel import (allreduce_sequence_parallel_grads, apply_tensor_par
                              check_tp_divisibility, vocab_parallel_cross_entropy)
 from utils import (Metrics, base_parser, clip_grad_norm_, die, dump_params, lr_at, make_config,
                    memory_gib, resolve_device_dtype)
+from zero import ShardedAdamW, ZeroDataParallel
 
 
 def main():
@@ -45,6 +48,7 @@ def main():
     add_checkpoint_args(parser)
     add_hf_args(parser)
     add_mfu_args(parser)
+    add_memory_args(parser)
     apply_config_file(parser)  # --config FILE.json: its values become the defaults, flags still win
     args = parser.parse_args()
 
@@ -90,6 +94,9 @@ def main():
     if pgm.cp_size > 1:
         for layer in model.model.layers.values():
             layer.self_attn.attn_fn = partial(ring_attention, group=pgm.cp_group)
+    # --- memory ---
+    if args.recompute:  # each layer keeps only its inputs; backward runs its forward again
+        apply_recompute(model, count_inputs=args.memory_report)
     materialize(model, device)
     init_weights(model, args.seed)
     if os.path.isdir(args.model) and any(f.endswith(".safetensors") for f in os.listdir(args.model)):
@@ -97,7 +104,11 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     # --- data parallel ---
     # Gradients are all-reduced over dp in buckets as soon as backward produces them.
-    model = DataParallel(model, pgm.cp_dp_group, args.bucket_size_mb)  # each cp rank saw only its tokens
+    args.zero = args.zero if args.dp * args.cp > 1 else 0  # one replica: nothing to shard
+    if args.zero:  # --zero 1: reduce-scatter instead of all-reduce; each rank steps 1/(dp x cp) of it
+        model = ZeroDataParallel(model, pgm, args.bucket_size_mb)
+    else:
+        model = DataParallel(model, pgm.cp_dp_group, args.bucket_size_mb)  # each cp rank saw only its tokens
     dist.barrier()  # NCCL: a subgroup's first point-to-point must not be the first collective
 
     # --- data ---
@@ -134,6 +145,8 @@ def main():
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=(device == "cuda"))
+    if args.zero:  # the same AdamW over this rank's slices; its step() all-gathers the parameters
+        optimizer = ShardedAdamW(model, optimizer)
     autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16) if dtype == "bfloat16"
                 else nullcontext())  # bf16 compute, float32 weights and gradients
     # --- checkpoints ---
@@ -167,8 +180,11 @@ def main():
               f"{args.seq_len} tokens | global batch {G} sequences | {device} {dtype}")
     metrics = Metrics(args.log_file, enabled=is_logger)
     mfu = MFU(config, args.seq_len, world_size, device, args.peak_tflops)  # model FLOPs / peak, see mfu.py
+    prediction = predict_run(config, args, pgm, dtype)  # this rank's bytes, from the config (memory.py)
+    memory = MemoryReport(args.memory_report, model, optimizer, prediction)  # the first step: measured too
     if is_logger:
         print(mfu.describe())
+        print(f"memory per rank of stage {pgm.pp_rank}, predicted: {describe(prediction)}")
     peak_inflight = 0  # the most micro-batches this stage held at once, over the run
     for step in range(start_step, args.max_steps):
         t0 = time.perf_counter()
@@ -187,9 +203,12 @@ def main():
 
         model.finish_gradient_synchronization()  # wait for the buckets: grads are the dp average
         if args.sp:  # each tp rank's norms saw only its T/tp tokens: all-reduce their grads over tp
-            allreduce_sequence_parallel_grads(model, pgm.tp_group)
-        sync_tied_embeddings(model, pgm)  # all-reduce over {first, last stage}: the tied weight's two uses
-        grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip, pgm.mp_group)
+            allreduce_sequence_parallel_grads(model.shards if args.zero else model.parameters(), pgm.tp_group)
+        if args.zero:  # the slices' squares, summed over the world, make the whole model's norm
+            grad_norm = clip_grad_norm_(model.shards, args.grad_clip, dist.group.WORLD)
+        else:
+            sync_tied_embeddings(model, pgm)  # all-reduce over {first, last stage}: the tied weight's two uses
+            grad_norm = clip_grad_norm_(model.parameters(), args.grad_clip, pgm.mp_group)
         crash_here("AT_STEP", step)  # tests: a job killed mid-step (grads computed, weights not yet updated)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -201,7 +220,7 @@ def main():
         tokens_seen += G * args.seq_len
         metrics.log(step=step, loss=loss_avg, lr=lr, grad_norm=grad_norm.item(), tokens=tokens_seen,
                     tokens_per_s=G * args.seq_len / dt, step_time_s=dt, mem_gib=memory_gib(device),
-                    **mfu(G * args.seq_len / dt))
+                    **mfu(G * args.seq_len / dt), **memory.log(step))
         checkpointer.maybe_save(step, model, optimizer, tokens_seen)
 
     if pgm.pp_size > 1:  # once per run, not per step: all-gather over pp of every stage's peak

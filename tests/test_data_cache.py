@@ -48,7 +48,8 @@ def test_second_load_maps_the_file_without_tokenizing(tmp_path, monkeypatch):
 def test_a_warm_process_does_not_import_datasets(tmp_path):
     """A fresh interpreter, as every rank of a later launch: it maps the file and never needs `datasets`."""
     code = ("import sys; sys.path.insert(0, 'step01_single_gpu'); import data as D; "
-            "s = D.load_sequences(D.DEFAULT_DATASET, D.load_tokenizer(D.DEFAULT_TOKENIZER), 64, 8, cache_dir=sys.argv[1]); "
+            "s = D.load_sequences(D.DEFAULT_DATASET, D.load_tokenizer(D.DEFAULT_TOKENIZER), 64, 8, "
+            "cache_dir=sys.argv[1]); "
             "print(len(s), 'datasets' in sys.modules)")
     run = lambda: subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=child_env(),
                                  capture_output=True, text=True, timeout=120)

@@ -13,6 +13,7 @@ OWNS = {
     "step05_pipeline_1f1b": {"train.py", "README.md", "pipeline_parallel.py", "schedule_1f1b.png"},
     "step06_context_parallel": {"train.py", "README.md", "context_parallel.py", "process_group_manager.py"},
     "step07_4d_combined": {"train.py", "README.md", "checkpoint.py", "reshard.py", "hf_interop.py", "mfu.py",
+                           "memory.py", "zero.py",
                            "benchmark.py", "config_maker.py", "configs", "slurm.sbatch", "gpu_smoke.py"},
 }
 

@@ -186,7 +186,9 @@ def test_checkpoint_reads_without_the_course_code(dp_pp_tp):
 RESHARD = {"tp4 pp2": ["--tp", "4", "--pp", "2", "--sp", "--micro-batch-size", "2", "--grad-acc-steps", "4"],
            "dp2 cp2 tp2": ["--dp", "2", "--cp", "2", "--tp", "2", "--micro-batch-size", "2", "--grad-acc-steps", "2"],
            "pp4 tp2": ["--pp", "4", "--tp", "2", "--sp", "--micro-batch-size", "2", "--grad-acc-steps", "4"],
-           "dp8": ["--dp", "8", "--micro-batch-size", "1", "--grad-acc-steps", "1"]}
+           "dp8": ["--dp", "8", "--micro-batch-size", "1", "--grad-acc-steps", "1"],
+           "dp4 tp2 zero1": ["--dp", "4", "--tp", "2", "--zero", "1", "--micro-batch-size", "1",
+                             "--grad-acc-steps", "2"]}
 
 
 @pytest.mark.parametrize("layout", list(RESHARD))

@@ -117,7 +117,7 @@ def check_biased_linears(group, sp):
     close(f"{what}biased column -> row out", yl, mine(F.linear(F.silu(F.linear(x, w1, b1)), w2, b2)))
     (yl * mine(g)).sum().backward()
     if sp:  # each rank's row bias saw only its T/tp tokens: a partial sum until summed over tp
-        allreduce_sequence_parallel_grads(row, group)
+        allreduce_sequence_parallel_grads(row.parameters(), group)
     close(f"{what}biased x.grad", xl.grad, mine(xr.grad))
     close(f"{what}column bias.grad (sharded)", col.bias.grad, b1r.grad.chunk(tp, 0)[r])
     close(f"{what}column weight.grad", col.weight.grad, w1r.grad.chunk(tp, 0)[r])
@@ -238,7 +238,7 @@ def check_sequence_parallel(group):
         norm_ref.weight.copy_(full(D, seed=49)), norm.weight.copy_(full(D, seed=49))
     (norm_ref(x) * g2).sum().backward()
     (norm(mine(x)) * mine(g2)).sum().backward()
-    allreduce_sequence_parallel_grads(norm, group)
+    allreduce_sequence_parallel_grads(norm.parameters(), group)
     close("sp norm weight.grad (all-reduced over tp)", norm.weight.grad, norm_ref.weight.grad)
 
     # a whole SP block: norm -> gather -> column -> row (reduce-scatter) + residual, against unsharded
@@ -254,7 +254,7 @@ def check_sequence_parallel(group):
     yl = xl + down(F.silu(up(gather_sequence(sp_n(xl), group))))
     close("sp block out", yl, mine(yr))
     (yl * mine(g2)).sum().backward()
-    allreduce_sequence_parallel_grads(sp_n, group)
+    allreduce_sequence_parallel_grads(sp_n.parameters(), group)
     close("sp block x.grad", xl.grad, mine(xr.grad))
     close("sp block up.grad", up.weight.grad, w1r.grad.chunk(tp, 0)[r])
     close("sp block norm.grad", sp_n.weight.grad, ref_n.weight.grad)
