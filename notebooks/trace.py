@@ -23,8 +23,9 @@ Every rank appends one JSON object per line to DIR/rank{N}.jsonl:
      "machine": {"cpus": os.cpu_count(), "cpus_usable": the CPUs this process may run on
        (sched_getaffinity; = cpus where the OS cannot say), "processes": the processes of the run
        on this machine (LOCAL_WORLD_SIZE), "threads": torch's intra-op threads, "device": "cpu"
-       under gloo, the GPU's name under nccl}. Timings from more processes than usable CPUs are
-       oversubscribed: a span's wall time then includes waiting for a core (use its "cpu").
+       under gloo, the GPU's name under nccl, "load": the 1-minute load average when the run
+       started (other work on the machine), or null}. Timings from more processes than usable
+       CPUs are oversubscribed: a span's wall time then includes waiting for a core (use "cpu").
   {"ev": "comm", "seq", "op", "dim", "ranks", "peer", "batch", "bytes", "sent", "dtype", "shape",
    "async", "t0", "t1", "t_wait", "t_done", "step", "phase", "module", "mb"}  per operation
      (seq: issue order on this rank; batch: ops posted by one batch_isend_irecv share it).
@@ -99,8 +100,10 @@ def machine():
     device = "cpu"
     if on and dist.get_backend() == "nccl" and torch.cuda.is_available():
         device = torch.cuda.get_device_name(torch.cuda.current_device())
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     return {"cpus": cpus, "cpus_usable": usable, "threads": torch.get_num_threads(), "device": device,
-            "processes": int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size() if on else 1))}
+            "processes": int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size() if on else 1)),
+            "load": load}
 
 
 class _TracedWork:
