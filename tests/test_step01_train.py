@@ -43,3 +43,16 @@ def test_bad_input_is_one_clear_line(args, expect):
     err = proc.stderr.strip().splitlines()
     assert err and err[-1].startswith("error: ") and expect in err[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_peak_memory_units_per_platform(monkeypatch):
+    """ru_maxrss is KiB on Linux and bytes on macOS: both read as the same GiB."""
+    from test_step01_model import load_step_module
+
+    utils = load_step_module("step01_single_gpu", "utils")
+    usage = type("Usage", (), {})
+    for platform, maxrss in (("linux", 2**20), ("darwin", 2**30)):  # 1 GiB either way
+        usage.ru_maxrss = maxrss
+        monkeypatch.setattr(utils.sys, "platform", platform)
+        monkeypatch.setattr(utils.resource, "getrusage", lambda who: usage)
+        assert utils.memory_gib("cpu") == 1.0, platform

@@ -112,6 +112,18 @@ def test_dp_pp_cp_from_a_config_file_equals_step01(work):
                         what="dp2 pp2 cp2 (config file)")
 
 
+def test_config_maker_set_checks_the_key(tmp_path):
+    """--set KEY=VALUE writes only flags train.py has: its own example works, a typo is one line."""
+    out = tmp_path / "c.json"
+    ok = subprocess.run([sys.executable, DIR / "config_maker.py", "--set", "bucket_size_mb=50", "--out", out],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads(out.read_text())["extra"] == {"bucket_size_mb": 50}
+    bad = subprocess.run([sys.executable, DIR / "config_maker.py", "--set", "pp_schedule=1f1b", "--out", out],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    expect_one_line(bad, "--set pp_schedule=1f1b: train.py has no flag --pp-schedule")
+
+
 def test_mfu_and_tokens_per_gpu_in_the_log(dp_pp_tp):
     flops = 1_474_560  # tiny with 4 layers and 4 kv heads at T=32: as in test_mfu_arithmetic, 4 x 40,960 per layer
     for m in dp_pp_tp[2]:
