@@ -102,7 +102,8 @@ for ax, phase in zip(axes, ("forward", "backward")):
         x = 0.0
         for _, kind, what, text in events + [(None, "compute", layer["cpu"] - sum(sp["cpu"] for sp in spans), "")]:
             if kind == "compute":
-                bar(ax, y0 + 1.2, x, x + what, COLORS[phase], f"{phase} compute (CPU time)", height=0.5, edgecolor="white",
+                bar(ax, y0 + 1.2, x, x + what, COLORS[phase], f"{phase} compute (CPU time)", height=0.5,
+                    edgecolor="white",
                     text=label(text, what))
                 x += what
             else:
@@ -130,7 +131,8 @@ for rank in ranks:
         layer, spans, comms = layer_events(recs, rank, phase)
         wall, cpu = layer["t1"] - layer["t0"], layer["cpu"]
         comm, fast = sum(c["t1"] - c["t0"] for c in comms), sum(fastest[c["bytes"]] for c in comms)
-        print(f"rank {rank} {phase:>8}: all-reduces {comm / wall:4.0%} of the layer's {wall * 1e3:5.2f} ms as recorded; "
+        print(f"rank {rank} {phase:>8}: all-reduces {comm / wall:4.0%} of the layer's {wall * 1e3:5.2f} ms "
+              "as recorded; "
               f"with the fastest of their size {fast / (cpu + fast):4.0%} of {(cpu + fast) * 1e3:5.2f} ms")
 print("fastest all-reduce over tp per size:", {f"{b:,} B": f"{t * 1e3:.2f} ms" for b, t in sorted(fastest.items())})
 
@@ -229,7 +231,8 @@ fig.suptitle("bytes of every collective over tp, by place and op (AR all-reduce,
 plt.tight_layout()
 plt.show()
 for title, rs in (("tp2", recs), ("tp2_sp", recs_sp)):
-    layer = [c for c in of(rs, "comm", rank=ranks[0], step=step, dim="tp") if (c.get("module") or "").startswith("layers.")]
+    layer = [c for c in of(rs, "comm", rank=ranks[0], step=step, dim="tp")
+             if (c.get("module") or "").startswith("layers.")]
     print(f"{title:>7}: per layer and micro-batch {len(layer) // L} collectives, "
           f"{sum(c['sent'] for c in layer) // L:,} bytes sent by rank 0")
 
@@ -274,7 +277,8 @@ save(fig, "03_tp_sp_memory")
 plt.show()
 for label, rs, rank in cols:
     by, peak = saved(rs, rank)
-    print(f"{label.replace(chr(10), ' '):>22}: " + ", ".join(f"{k} {v:,} B" for k, v in by.items()) + f"; peak {peak:,} B")
+    print(f"{label.replace(chr(10), ' '):>22}: " + ", ".join(f"{k} {v:,} B" for k, v in by.items())
+          + f"; peak {peak:,} B")
 
 # %% [markdown]
 # ## What to notice

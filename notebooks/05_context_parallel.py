@@ -128,7 +128,8 @@ for s in range(CP):
             seen[(q, k)] = r
             work[s, r] += pairs[kind](q, k)
 assert len(seen) == 2 * CP * (2 * CP + 1) // 2, "every unmasked tile is computed"
-assert list(work.sum(0)) == cp_mod.attention_work(T, CP, "zigzag"), (work.sum(0), cp_mod.attention_work(T, CP, "zigzag"))
+expected = cp_mod.attention_work(T, CP, "zigzag")
+assert list(work.sum(0)) == expected, (work.sum(0), expected)
 
 cmap = plt.get_cmap("tab10")
 fig, axes = plt.subplots(1, CP + 2, figsize=(2.6 * (CP + 2), 3.2), gridspec_kw={"width_ratios": [1] * (CP + 1) + [1.3]})

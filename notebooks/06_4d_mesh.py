@@ -246,22 +246,26 @@ for name, run in runs.items():
     print(f"{name}: the formulas give every rank's bytes and sent per group and op exactly")
 
 # %% [markdown]
-# ## At a real size: smollm-1.7b on 8 GPUs, llama2-7b on 16
+# ## At a real size: smollm-1.7b on 8 and 16 GPUs, llama2-7b on 16
 # The same formulas with the course's shipped configs (`step07_4d_combined/configs/`):
 # smollm-1.7b with dp 2 x pp 2 x tp 2, sequences of 2048 tokens, micro-batches of 4, 8 per
-# step; llama2-7b with dp 2 x pp 2 x cp 2 x tp 2, 4096 tokens, micro-batches of 1, 16 per step.
+# step; the same run on 16 GPUs with dp 4 and 4 micro-batches per step (the same global batch);
+# llama2-7b with dp 2 x pp 2 x cp 2 x tp 2, 4096 tokens, micro-batches of 1, 16 per step.
 # bf16 autocast; per rank and step, what a ring puts on the wire (`sent`), for the first and
 # the last pipeline stage.
 
 # %%
-REAL = {"8gpu_smollm-1.7b": "8 GPUs", "16gpu_llama2-7b": "16 GPUs"}
+REAL = [("8gpu_smollm-1.7b", "8 GPUs", {}), ("8gpu_smollm-1.7b", "16 GPUs", {"dp": 4, "grad_acc_steps": 4}),
+        ("16gpu_llama2-7b", "16 GPUs", {})]  # (config, GPUs, what changes)
 NAMES = {"tp": "tp", "cp": "cp", "pp": "pp", "pp_embed": "pp: tied embedding", "dp": "dp (gradients)",
          "cp_dp": "cp x dp (gradients)", "mp": "mp (grad norm)"}
-fig, axes = plt.subplots(1, len(REAL), figsize=(13, 3.8))
+fig, axes = plt.subplots(1, len(REAL), figsize=(17, 3.8))
 table = []
-for ax, (config, gpus) in zip(axes, REAL.items()):
+for ax, (config, gpus, change) in zip(axes, REAL):
     raw = read_json(step_dir("step07_4d_combined") / "configs" / f"{config}.json")
-    lay, tr = {k: raw["distributed"].get(k, 1) for k in ("dp", "pp", "cp", "tp")}, raw["training"]
+    lay = {k: change.get(k, raw["distributed"].get(k, 1)) for k in ("dp", "pp", "cp", "tp")}
+    tr = dict(raw["training"], **{k: v for k, v in change.items() if k in raw["training"]})
+    config = f"{raw['model']['model']}, {gpus}"
     cfg = model_config(raw["model"]["model"])
     per_stage = {s: step_comm(cfg, lay["dp"], lay["pp"], lay["cp"], lay["tp"], tr["micro_batch_size"], tr["seq_len"],
                               tr["grad_acc_steps"], s, a=2) for s in range(lay["pp"])}
@@ -290,7 +294,7 @@ plt.tight_layout()
 save(fig, "06_bytes_real_size")
 plt.show()
 for config, stage, d, v in table:
-    print(f"{config:>17} stage {stage}: {NAMES[d]:>20} " + (f"{v / 1e9:7.3f} GB" if v > 1e6 else f"{v:7,} B") +
+    print(f"{config:>22} stage {stage}: {NAMES[d]:>20} " + (f"{v / 1e9:7.3f} GB" if v > 1e6 else f"{v:7,} B") +
           " sent per step")
 
 # %% [markdown]
@@ -306,5 +310,9 @@ for config, stage, d, v in table:
 #   gradient all-reduce moves 4 bytes x the rank's parameters (1/(tp x pp) of the model) once
 #   per step; pp moves one activation per micro-batch and stage boundary; cp moves only the
 #   k/v heads, which with llama2-7b's 32 kv heads is not much less than tp.
+# - smollm-1.7b on 16 GPUs instead of 8 (dp 4, half the micro-batches per rank): tp and pp
+#   bytes per rank halve with the micro-batches, while the gradient all-reduce grows from
+#   2 x 1/2 to 2 x 3/4 of the rank's gradient bytes (a ring sends 2 (N - 1)/N of them): more
+#   data parallelism costs each rank a little more, never less.
 # - On the tiny model the weights are small, so there the gradient all-reduce dominates: sizes
 #   change which dimension costs most, the formulas do not.

@@ -116,7 +116,10 @@ def rerecord(name):
 
 def stale(name, repo=REPO):
     """Why NAME.ipynb's outputs are not those of its current cells and inputs ([]: they are)."""
-    nb = nbformat.read(Path(repo) / "notebooks" / f"{name}.ipynb", as_version=4)
+    ipynb = Path(repo) / "notebooks" / f"{name}.ipynb"
+    if not ipynb.is_file():
+        return [f"{name}.ipynb was never built"]
+    nb = nbformat.read(ipynb, as_version=4)
     twin = jupytext.read(Path(repo) / "notebooks" / f"{name}.py")
     course = nb.metadata.get("course") or {}
     why = []
