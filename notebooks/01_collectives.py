@@ -35,7 +35,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from nbtools import HERE, TRACES, torchrun
+from nbtools import HERE, TRACES, read_json, save, torchrun
 
 SAVED = TRACES / "01_collectives.json"
 if RERECORD:
@@ -43,14 +43,15 @@ if RERECORD:
         torchrun(HERE / "collectives_demo.py", 4, [tmp], timeout=120)
         ranks = [json.loads(f.read_text()) for f in sorted(Path(tmp).glob("rank*.json"))]
     SAVED.write_text(json.dumps(ranks))
-ranks = json.loads(SAVED.read_text())
+ranks = read_json(SAVED)
 n = len(ranks)
 print(f"{n} ranks; ops: {', '.join(ranks[0]['ops'])}")
 
 
 # %% [markdown]
 # ## Before and after, per rank
-# Each panel pair: rows are ranks, cells are the tensor's elements.
+# Each column of panels is one collective: rows are ranks, cells are the elements of the
+# rank's tensor (their values written in them), before (top) and after (bottom).
 
 # %%
 def grid(ax, rows, title, cmap="Blues"):
@@ -63,7 +64,8 @@ def grid(ax, rows, title, cmap="Blues"):
         if not np.isnan(v):
             ax.text(j, i, f"{v:g}", ha="center", va="center", fontsize=9)
     ax.set_yticks(range(len(rows)), [f"rank {i}" for i in range(len(rows))])
-    ax.set_xticks([])
+    ax.set_xticks(range(width), [str(j) for j in range(width)], fontsize=7)
+    ax.set_xlabel("element index", fontsize=8)
     ax.set_title(title, fontsize=10)
 
 
@@ -81,12 +83,15 @@ plt.show()
 # Bytes each rank sends, for a tensor of N bytes on n ranks with ring algorithms (what
 # `trace.py` writes as `sent`): all-reduce 2(n-1)/n·N; reduce-scatter and all-gather
 # (n-1)/n·N (N = the full tensor); all-to-all (n-1)/n·N; send N.
+# These are counts, not times: they hold on any machine.
 
 # %% [markdown]
 # ## A ring all-reduce, step by step
 # Rank r starts with 2^r in each of its n chunks, so a value's binary digits say which ranks
-# are already summed in (shown as e.g. `0+2`). Reduce-scatter: n-1 steps, each rank sends one
-# chunk to its right neighbour and adds the one arriving from its left. All-gather: n-1 more
+# are already summed in (shown as e.g. `0+2`). Ranks are the rows, so the ring runs downwards:
+# rank r sends to rank r + 1 (the row below; the last rank to rank 0) and receives from rank
+# r - 1 (the row above; rank 0 from the last). Reduce-scatter: n-1 steps, each rank sends one
+# chunk to the next rank and adds the one arriving from the row above. All-gather: n-1 more
 # steps pass the finished chunks (all ranks in: `all`) around.
 
 # %%
@@ -111,9 +116,12 @@ for ax, (title, rows, st) in zip(axes, panels):
             ax.add_patch(plt.Rectangle((x["received"] - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
     ax.set_title(title, fontsize=9)
     ax.set_xticks(range(n), [f"c{j}" for j in range(n)])
+    ax.set_xlabel("chunk", fontsize=8)
 axes[0].set_yticks(range(n), [f"rank {i}" for i in range(n)])
-plt.suptitle("ring all-reduce: which ranks are summed into each chunk (red: just received from the left)", fontsize=10)
+plt.suptitle("ring all-reduce: which ranks are summed into each chunk "
+             "(red: just received from the row above; rank 0 from the last rank)", fontsize=10)
 plt.tight_layout()
+save(fig, "01_ring_allreduce")
 plt.show()
 
 # %% [markdown]

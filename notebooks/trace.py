@@ -19,7 +19,13 @@ the recorder wraps, from the outside:
 So it also records a learner's modified copy of a step, as long as it keeps these names.
 
 Every rank appends one JSON object per line to DIR/rank{N}.jsonl:
-  {"ev": "meta", ...}  once: rank, world size, backend, this rank's coordinates and groups.
+  {"ev": "meta", ...}  once: rank, world size, backend, this rank's coordinates and groups, and
+     "machine": {"cpus": os.cpu_count(), "cpus_usable": the CPUs this process may run on
+       (sched_getaffinity; = cpus where the OS cannot say), "processes": the processes of the run
+       on this machine (LOCAL_WORLD_SIZE), "threads": torch's intra-op threads, "device": "cpu"
+       under gloo, the GPU's name under nccl, "load": the 1-minute load average when the run
+       started (other work on the machine), or null}. Timings from more processes than usable
+       CPUs are oversubscribed: a span's wall time then includes waiting for a core (use "cpu").
   {"ev": "comm", "seq", "op", "dim", "ranks", "peer", "batch", "bytes", "sent", "dtype", "shape",
    "async", "t0", "t1", "t_wait", "t_done", "step", "phase", "module", "mb"}  per operation
      (seq: issue order on this rank; batch: ops posted by one batch_isend_irecv share it).
@@ -36,8 +42,11 @@ Every rank appends one JSON object per line to DIR/rank{N}.jsonl:
        Times are host seconds since the epoch: on a GPU they are launch times, not kernel times.
      step: the optimizer step (the argument of the trainer's lr_at call); phase/module/mb: the
        innermost open span when the op was issued (null: outside any).
-  {"ev": "span", "phase", "module", "mb", "step", "t0", "t1"}  forward/backward of a watched
-     module (micro-batch mb = how many times it ran before in this step), or a named phase.
+  {"ev": "span", "phase", "module", "mb", "step", "t0", "t1", "cpu"}  forward/backward of a
+     watched module (micro-batch mb = how many times it ran before in this step), or a named phase.
+     cpu: the CPU seconds the thread consumed between t0 and t1 (time.thread_time; a CPU model's
+     forward and backward run on the calling thread, so this is the compute without the waits:
+     for a core, or in a blocking collective); null when the span ended on another thread.
   {"ev": "mem", "step", "saved_peak", "saved_at_start", "saved_by_module"}  per step: the most
      bytes autograd held at once for backward (saved tensors, counted once per storage, the
      model's parameters not counted), what was still held when the step began, and the bytes
@@ -83,6 +92,20 @@ def now():
     return time.perf_counter() + _CLOCK
 
 
+def machine():
+    """What the timings were measured on: CPUs, processes, threads, device (see the meta record)."""
+    cpus = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
+    on = dist.is_initialized()
+    device = "cpu"
+    if on and dist.get_backend() == "nccl" and torch.cuda.is_available():
+        device = torch.cuda.get_device_name(torch.cuda.current_device())
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    return {"cpus": cpus, "cpus_usable": usable, "threads": torch.get_num_threads(), "device": device,
+            "processes": int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size() if on else 1)),
+            "load": load}
+
+
 class _TracedWork:
     """Stands in for the Work an async op returns: wait() stamps the end of its records."""
 
@@ -123,6 +146,7 @@ class CommTracer:
         self.watched, self.open = {}, {}  # id(module) -> (name, top, backward); -> (open span, input)
         self.params, self.held, self.live, self.peak, self.live_at_start = set(), {}, 0, 0, 0
         self.by_module = {}  # module or phase -> bytes first saved there this step
+        self.threads = {}  # id(open span) -> the thread that opened it
         # every graph of the run packs its saved tensors through these (outer-most) hooks
         torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack).__enter__()
         # until the model is found, a global hook looks at every module's call (see _find_model)
@@ -176,7 +200,7 @@ class CommTracer:
         self.futures = on and dist.get_backend() == "gloo"  # NCCL futures complete at launch: no t_done
         self.buf.insert(0, {"ev": "meta", "rank": self.rank, "world": dist.get_world_size() if on else 1,
                             "backend": dist.get_backend() if on else None, "groups": groups or {},
-                            "coords": coords or {}})
+                            "coords": coords or {}, "machine": machine()})
 
     def _group(self, group, peer=None):
         """(name, global ranks) of a process group (None: the default group)."""
@@ -291,7 +315,8 @@ class CommTracer:
         mb = self.counts.get(key, 0)
         self.counts[key] = mb + 1
         span = {"ev": "span", "phase": phase, "module": module, "mb": mb, "step": self.step_no,
-                "t0": now(), "t1": None, **fields}
+                "t0": now(), "t1": None, "cpu": time.thread_time(), **fields}
+        self.threads[id(span)] = threading.get_ident()
         if outer:
             self.stack.insert(0, span)
         else:
@@ -300,6 +325,8 @@ class CommTracer:
 
     def _end(self, span):
         span["t1"] = now()
+        same = self.threads.pop(id(span), None) == threading.get_ident()
+        span["cpu"] = time.thread_time() - span["cpu"] if same else None  # CPU seconds of this thread
         if span in self.stack:
             self.stack.remove(span)
         self._write(span)

@@ -150,6 +150,11 @@ def test_every_op_is_recorded(tmp_path):
         meta = recs[0]
         assert meta["ev"] == "meta" and meta["rank"] == rank and meta["world"] == 4
         assert meta["groups"] == {"dp": [rank % 2, rank % 2 + 2], "pp": [rank - rank % 2, rank - rank % 2 + 1]}
+        machine = meta["machine"]  # what the timings were measured on
+        assert machine["processes"] == 4 and machine["device"] == "cpu", machine
+        assert 1 <= machine["cpus_usable"] <= machine["cpus"] and machine["threads"] >= 1, machine
+        (p2p_span,) = [r for r in recs if r["ev"] == "span" and r["phase"] == "p2p"]
+        assert 0 <= p2p_span["cpu"] <= p2p_span["t1"] - p2p_span["t0"] + 0.01, p2p_span  # CPU seconds, one thread
         got = [(r["op"], r["dim"], r["bytes"], r["peer"]) for r in sorted(comms(recs, 0), key=lambda r: r["seq"])]
         peer = rank ^ 1
         p2p = ([("send", "pp", 12, peer), ("irecv", "pp", 16, peer)] if rank % 2 == 0 else
