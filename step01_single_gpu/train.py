@@ -68,7 +68,7 @@ def main():
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=(device == "cuda"))
+                                  lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.startswith("cuda"))
     autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16) if dtype == "bfloat16"
                 else nullcontext())  # bf16 compute, float32 weights and gradients
 

@@ -14,6 +14,16 @@ locally). Backward repeats the k/v ring; the gradients dk/dv of the block a rank
 accumulated in float32 and travel with it, one hop behind, so after cp hops they are back
 on the rank that owns that block. No all-gather: memory stays O(T/cp).
 
+Kernels (per block, chosen by device: see FUSED). A fused kernel never materialises the
+(B, H, Tq, Tk) scores and returns the log-sum-exp the merge needs. On CUDA the blocks run
+flash attention forward and backward (bf16/fp16, head_dim a multiple of 8 and <= 256): a
+block's memory is O(T/cp) (inputs, outputs, lse, the kernel's float32 dq accumulator) and its
+time is the kernel's. The backward kernel gets the block's rows of the FINAL out and lse and
+recomputes P = exp(S - lse) and D = rowsum(dO * O) from them: the softmax of the full row,
+so the block's grads are exact. CPU keeps step06's kernels: fused forward, materialised
+backward. Float32 on CUDA (the course's exactness runs) materialises the block in float32:
+O((T/cp)^2) memory per block.
+
 Bytes per ring step (per rank, each direction, one hop):
   forward:  2 * B * Hkv * (T/cp) * hd * bytes(dtype)            (k and v)
   backward: the same for k/v, plus 2 * B * Hkv * (T/cp) * hd * 4 (dk, dv in float32)
@@ -107,17 +117,56 @@ def _causal_mask(n, device):
     return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)  # True = masked
 
 
+# Which kernels the blocks use. None (default): flash attention on CUDA where it applies
+# (_flash); on CPU the fused forward and the materialised backward, as in step06.
+# True: the fused backward on CPU too, i.e. the GPU's bookkeeping run by the CPU kernels (tests).
+# False: materialised on CUDA too (ring_check.py's memory baseline).
+FUSED = None
+
+
+def _flash(q):
+    """Whether the CUDA flash kernels take this block: bf16/fp16, head_dim % 8 == 0 and <= 256,
+    sm80+. float32 is not one of its dtypes: there the block is materialised in exact float32
+    (the memory-efficient kernel would take float32, but with a padded lse and one more kernel
+    to get right, for runs that are about exactness, not memory)."""
+    return (q.is_cuda and FUSED is not False and q.dtype in (torch.bfloat16, torch.float16)
+            and q.size(-1) % 8 == 0 and q.size(-1) <= 256
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
+
+
+def _fused_attn(q, k, v, causal, scale):
+    """(out, lse (B, H, Tq) float32) from the fused kernel of q's device; never (Tq, Tk) scores.
+    Meta tensors take the CUDA op: its meta kernel checks the call without a GPU (tests)."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p=0.0, is_causal=causal, scale=scale)
+    # -> out, lse, cum_seq_q, cum_seq_k, max_q, max_k, rng state (2 tensors), debug mask
+    return torch.ops.aten._scaled_dot_product_flash_attention(
+        q, k, v, dropout_p=0.0, is_causal=causal, return_debug_mask=False, scale=scale)[:2]
+
+
+def _fused_grads(q, k, v, do, out, lse, causal, scale):
+    """dq, dk, dv (input dtype) from the fused backward kernel, given out and lse."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, out, lse, 0.0, causal, scale=scale)
+    unused = torch.empty((), dtype=torch.long, device=q.device)  # rng state: read only under dropout
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        do, q, k, v, out, lse, None, None, q.size(2), k.size(2), 0.0, causal,  # None: not varlen
+        unused, unused, scale=scale)
+
+
 def _block_attn(q, k, v, causal, scale):
     """(out, lse) of q against one k/v block, both float32. Causal blocks are square."""
-    if not q.is_cuda:  # fused CPU kernel returns the logsumexp we need to merge blocks
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, dropout_p=0.0, is_causal=causal, scale=scale)
+    if not q.is_cuda or _flash(q):  # fused: the kernel returns the logsumexp we need to merge blocks
+        out, lse = _fused_attn(q.contiguous(), k.contiguous(), v.contiguous(), causal, scale)
         return out.float(), lse.float()
-    s = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
+    q, k, v = q.float(), k.float(), v.float()
+    s = (q @ k.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
     if causal:
         s = s.masked_fill(_causal_mask(s.size(-1), s.device), float("-inf"))
     lse = s.logsumexp(-1)  # (B, H, Tq)
-    return torch.exp(s - lse.unsqueeze(-1)) @ v.float(), lse
+    return torch.exp(s - lse.unsqueeze(-1)) @ v, lse
 
 
 def _merge(out, lse, blk_out, blk_lse):
@@ -128,8 +177,17 @@ def _merge(out, lse, blk_out, blk_lse):
     lse.copy_(new_lse)
 
 
-def _block_grads(q, k, v, do, lse, D, causal, scale):
-    """float32 dq, dk, dv of one block given the FINAL lse and D = rowsum(dO * O)."""
+def _block_grads(q, k, v, do, out, lse, D, causal, scale):
+    """float32 dq, dk, dv of one block given the FINAL out, lse and D = rowsum(dO * O).
+
+    q, k, v, do, out in the input dtype (the fused kernel takes them as they are)."""
+    if _flash(q) or (FUSED and not q.is_cuda):
+        # the kernel recomputes P = exp(S - lse) and D = rowsum(dO * O) from the out and lse it
+        # is given: with the final ones that is the full row's softmax, so its grads are exact.
+        # It reads raw pointers: dense tensors (lse above all: a strided slice would be misread)
+        grads = _fused_grads(*(t.contiguous() for t in (q, k, v, do, out, lse)), causal, scale)
+        return [g.float() for g in grads]
+    q, k, v, do = q.float(), k.float(), v.float(), do.float()
     s = (q @ k.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
     if causal:
         s = s.masked_fill(_causal_mask(s.size(-1), s.device), float("-inf"))
@@ -191,28 +249,28 @@ class _RingAttention(torch.autograd.Function):
         group, (cp, r, next_rank, prev_rank) = ctx.group, ctx.ranks
         rep, half, scale = q.size(1) // k.size(1), q.size(2) // 2, q.size(-1) ** -0.5
         with torch.autocast(q.device.type, enabled=False):
-            qf, do = q.float(), dout.float()
-            D = (do * out.float()).sum(-1)  # (B, H, T/cp): rowsum(dO * O)
-            dq = torch.zeros_like(qf)  # (B, H, T/cp, hd) float32
+            D = (dout.float() * out.float()).sum(-1)  # (B, H, T/cp): rowsum(dO * O)
+            dq = torch.zeros_like(q, dtype=torch.float32)  # (B, H, T/cp, hd)
             kv = torch.stack([k, v]).contiguous()  # (2, B, Hkv, T/cp, hd)
             for s in range(cp):
                 if s + 1 < cp:  # the same k/v ring as forward, overlapped with this block
                     next_kv, works = _ring_exchange(kv, group, next_rank, prev_rank)
                 src = (r - s) % cp
-                kk, vv = _repeat_kv(kv[0], rep).float(), _repeat_kv(kv[1], rep).float()
+                kk, vv = _repeat_kv(kv[0], rep), _repeat_kv(kv[1], rep)  # (B, H, T/cp, hd), input dtype
                 g = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # d(k, v) of src's block
                 if s == 0:
-                    dq_b, dk_b, dv_b = _block_grads(qf, kk, vv, do, lse, D, True, scale)
+                    dq_b, dk_b, dv_b = _block_grads(q, kk, vv, dout, out, lse, D, True, scale)
                     dq += dq_b
                     g[0], g[1] = _reduce_kv(dk_b, rep), _reduce_kv(dv_b, rep)
                 elif src < r:
-                    dq_b, dk_b, dv_b = _block_grads(qf, kk[:, :, :half], vv[:, :, :half],
-                                                    do, lse, D, False, scale)
+                    dq_b, dk_b, dv_b = _block_grads(q, kk[:, :, :half], vv[:, :, :half],
+                                                    dout, out, lse, D, False, scale)
                     dq += dq_b
                     g[0, :, :, :half], g[1, :, :, :half] = _reduce_kv(dk_b, rep), _reduce_kv(dv_b, rep)
                 else:
-                    dq_b, dk_b, dv_b = _block_grads(qf[:, :, half:], kk, vv, do[:, :, half:],
-                                                    lse[:, :, half:], D[:, :, half:], False, scale)
+                    dq_b, dk_b, dv_b = _block_grads(q[:, :, half:], kk, vv, dout[:, :, half:],
+                                                    out[:, :, half:], lse[:, :, half:], D[:, :, half:],
+                                                    False, scale)
                     dq[:, :, half:] += dq_b
                     g[0], g[1] = _reduce_kv(dk_b, rep), _reduce_kv(dv_b, rep)
                 if s > 0:  # add the partial d(k, v) of this block from the ranks that held it before

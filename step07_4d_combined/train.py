@@ -1,7 +1,7 @@
 """Step 07: the complete 4D trainer, plus what a real run needs: MFU in the log line, the memory
-per rank predicted (and measured), activation recomputation and ZeRO-1, checkpoints that
-resume under any layout, Hugging Face weights in and out, config files, multi-node launch:
-world = dp x pp x cp x tp.
+per rank predicted (and measured), activation recomputation and ZeRO-1, compiled layers and a
+profiler trace, checkpoints that resume under any layout, Hugging Face weights in and out,
+config files, multi-node launch: world = dp x pp x cp x tp.
 
 Same seed, same global batch and same per-step loss as step01. README.md has the commands.
 """
@@ -27,6 +27,7 @@ from mfu import MFU, add_mfu_args
 from model import Llama, init_weights, materialize
 from pipeline_parallel import apply_pipeline_parallel, check_pp, sync_tied_embeddings, train_step
 from process_group_manager import ProcessGroupManager, init_distributed, shutdown_distributed
+from speed import Profiler, add_speed_args, compile_layers
 from tensor_parallel import (allreduce_sequence_parallel_grads, apply_tensor_parallel, check_sp,
                              check_tp_divisibility, vocab_parallel_cross_entropy)
 from utils import (Metrics, base_parser, clip_grad_norm_, die, dump_params, lr_at, make_config,
@@ -49,6 +50,7 @@ def main():
     add_hf_args(parser)
     add_mfu_args(parser)
     add_memory_args(parser)
+    add_speed_args(parser)
     apply_config_file(parser)  # --config FILE.json: its values become the defaults, flags still win
     args = parser.parse_args()
 
@@ -97,6 +99,11 @@ def main():
     # --- memory ---
     if args.recompute:  # each layer keeps only its inputs; backward runs its forward again
         apply_recompute(model, count_inputs=args.memory_report)
+    if args.compile:  # --- speed --- each decoder layer compiled in place (speed.py)
+        try:
+            compile_layers(model, args)
+        except ValueError as e:
+            die(str(e))
     materialize(model, device)
     init_weights(model, args.seed)
     if os.path.isdir(args.model) and any(f.endswith(".safetensors") for f in os.listdir(args.model)):
@@ -144,7 +151,7 @@ def main():
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=(device == "cuda"))
+                                  lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.startswith("cuda"))
     if args.zero:  # the same AdamW over this rank's slices; its step() all-gathers the parameters
         optimizer = ShardedAdamW(model, optimizer)
     autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16) if dtype == "bfloat16"
@@ -185,6 +192,10 @@ def main():
     if is_logger:
         print(mfu.describe())
         print(f"memory per rank of stage {pgm.pp_rank}, predicted: {describe(prediction)}")
+    try:
+        profiler = Profiler(args.profile, rank, device, args.max_steps - start_step)  # --profile DIR (speed.py)
+    except ValueError as e:
+        die(str(e))
     peak_inflight = 0  # the most micro-batches this stage held at once, over the run
     for step in range(start_step, args.max_steps):
         t0 = time.perf_counter()
@@ -222,11 +233,13 @@ def main():
                     tokens_per_s=G * args.seq_len / dt, step_time_s=dt, mem_gib=memory_gib(device),
                     **mfu(G * args.seq_len / dt), **memory.log(step))
         checkpointer.maybe_save(step, model, optimizer, tokens_seen)
+        profiler.step()
 
     if pgm.pp_size > 1:  # once per run, not per step: all-gather over pp of every stage's peak
         peaks = torch.zeros(pgm.pp_size, dtype=torch.long, device=device)
         dist.all_gather_into_tensor(peaks, torch.tensor([peak_inflight], device=device), group=pgm.pp_group)
         metrics.summary(pp_peak_inflight=peaks.tolist())
+    profiler.stop()
     metrics.close()
     if args.dump_params:
         dump_params(model.module, args.dump_params, rank)

@@ -511,6 +511,51 @@ def test_unknown_config_key_is_one_clear_line(tmp_path):
     expect_one_line(proc, "unknown key(s) learning_rate")
 
 
+# ------------------------------------------------------------------ --compile and --profile (speed.py)
+SPEED = _with_flag(COMMON, "--max-steps", "5")
+
+
+@pytest.mark.parametrize("nproc, layout, dp", [
+    (4, ["--pp", "2", "--tp", "2", "--sp", "--recompute"], 1),  # tp's collectives traced into the graphs
+    (4, ["--dp", "2", "--cp", "2", "--zero", "1"], 2),  # cp's ring runs eager between compiled parts
+], ids=["pp2-tp2-sp-recompute", "dp2-cp2-zero1"])
+def test_compiled_layers_equal_step01(work, nproc, layout, dp):
+    d = work / f"compiled_{dp}"
+    got = run_step(STEP, nproc, [*SPEED, *layout, "--compile", "--profile", d / "profile",
+                                 "--dump-params", d / "params"], d)
+    compare_with_step01(got, SPEED, dp, work, d / "params", f"{' '.join(layout)} --compile")
+    for rank in range(nproc):  # a Chrome trace per rank: the profiled steps 1-3 and their ops
+        events = json.loads((d / "profile" / f"rank{rank}.json").read_text())["traceEvents"]
+        names = {e.get("name", "") for e in events}
+        assert {f"ProfilerStep#{i}" for i in (1, 2, 3)} <= names, sorted(n for n in names if "Step" in n)
+        assert "aten::mm" in names or "aten::addmm" in names
+
+
+@pytest.mark.parametrize("flags, text", [
+    (["--compile", "--memory-report"], "drop --compile (or --memory-report)"),
+    (["--profile", "PROFILE", "--max-steps", "1"], "--profile records the steps after the first"),
+])
+def test_speed_flags_refuse_what_they_cannot_do(tmp_path, flags, text):
+    flags = [str(tmp_path / "p") if f == "PROFILE" else f for f in flags]
+    proc = torchrun(DIR / "train.py", 1, [*TINY, "--max-steps", "3", *flags], timeout=180, check=False)
+    expect_one_line(proc, text)
+
+
+def test_gpu_check_script_runs_its_parts_on_cpu(tmp_path):
+    """gpu_check.sh, tried as its header says (CHECK_DEVICE=cpu), on the parts that need no compiler."""
+    run = lambda *parts: subprocess.run(["bash", DIR / "gpu_check.sh", tmp_path / "out", *parts], cwd=REPO,
+                                        env=child_env({"CHECK_DEVICE": "cpu"}), capture_output=True, text=True,
+                                        timeout=300)
+    proc = run("versions", "bench", "summary")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    status = (tmp_path / "out" / "status.txt").read_text()
+    assert all(f"{part} ok" in status for part in ("versions", "bench", "summary")), status
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| transformers (LlamaForCausalLM), eager |" in summary and "| course (benchmark.py), eager |" in summary
+    proc = run("versions", "nosuch")
+    assert proc.returncode == 2 and "error: unknown part nosuch" in proc.stdout
+
+
 def test_benchmark_runs_on_cpu(tmp_path):
     cmd = [sys.executable, DIR / "benchmark.py", "--device", "cpu", "--model", "tiny", "--seq-len", "32",
            "--micro-batch-size", "2", "--steps", "2", "--warmup", "1", "--peak-tflops", "0.001"]
