@@ -14,7 +14,9 @@ OWNS = {
     "step06_context_parallel": {"train.py", "README.md", "context_parallel.py", "process_group_manager.py"},
     "step07_4d_combined": {"train.py", "README.md", "checkpoint.py", "reshard.py", "hf_interop.py", "mfu.py",
                            "memory.py", "zero.py",
-                           "benchmark.py", "config_maker.py", "configs", "slurm.sbatch", "gpu_smoke.py"},
+                           "benchmark.py", "config_maker.py", "configs", "slurm.sbatch", "gpu_smoke.py",
+                           "speed.py", "gpu_check.sh", "ring_check.py",
+                           "context_parallel.py"},  # the fused CUDA kernels of its ring blocks
 }
 
 
