@@ -8,7 +8,7 @@
 # PARTS (default: all, in this order): versions smoke ring bench compiled train summary.
 # Each part writes OUT/PART.log (benchmarks: OUT/bench_*.json, train: OUT/train.jsonl and
 # OUT/profile/rank0.json.gz); OUT/status.txt gets one "PART ok|FAIL seconds" line per part and a
-# failed part does not stop the others; OUT/summary.md is the table for step07's README.
+# failed part does not stop the others; OUT/summary.md is the table for step07's REFERENCE.md.
 # On an H200 the parts take about: smoke 2 min, ring 0.5, bench 1, compiled 3, train 2.
 #
 # No `datasets` on the GPU machine? Bring wheels for Python 3.12 in .whl/ (git-ignored), made here:
