@@ -161,7 +161,7 @@ plt.show()
 
 # %%
 sweep = {mb: recs if mb == MAIN else load(f"02_bucket_{mb:g}MB") for mb in SWEEP}
-n_params = tiny_n_params("step02_data_parallel", num_hidden_layers=N_LAYERS)
+n_params = tiny_n_params(num_hidden_layers=N_LAYERS)
 early, exposed, sizes = {}, {}, {}
 for mb, rs in sweep.items():
     steps = sorted({c["step"] for c in of(rs, "comm")})

@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from nbtools import COLORS, TINY, TRACES, read_json, record, save, step_dir, step_module
+from nbtools import COLORS, TINY, TRACES, preset, read_json, record, save, step_dir, step_module
 
 # %% [markdown]
 # ## Part 1: the groups of a 16-rank layout
@@ -186,11 +186,10 @@ plt.show()
 
 # %%
 memory = step_module("step07_4d_combined", "memory")  # param_counts: the parameters one rank holds
-PRESETS = step_module("step07_4d_combined", "utils").PRESETS
 
 
 def model_config(name, **override):
-    c = dict(PRESETS[name], **override)
+    c = dict(preset(name), **override)  # data/models/NAME/config.json
     return SimpleNamespace(**c, head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
                            attention_bias=False, mlp_bias=False)
 

@@ -39,10 +39,9 @@ from types import SimpleNamespace
 import matplotlib.pyplot as plt
 import numpy as np
 
-from nbtools import TINY, TRACES, read_json, save, step_dir, step_module, torchrun
+from nbtools import TINY, TRACES, preset, read_json, save, step_dir, step_module, torchrun
 
 memory = step_module("step07_4d_combined", "memory")  # predict, activation_bytes, in_flight, describe
-PRESETS = step_module("step07_4d_combined", "utils").PRESETS
 MIB, GIB = 2**20, 2**30
 PARTS = {"weights": "tab:blue", "gradients": "tab:green", "buckets": "tab:olive", "optimizer": "tab:purple",
          "activations": "tab:orange", "transient": "tab:red"}
@@ -50,7 +49,7 @@ UNMEASURED = ("buckets", "transient")  # --memory-report does not count these: p
 
 
 def model_config(name, **override):
-    c = dict(PRESETS[name], **override)
+    c = dict(preset(name), **override)  # data/models/NAME/config.json
     return SimpleNamespace(**c, head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
                            attention_bias=False, mlp_bias=False)
 

@@ -67,6 +67,11 @@ def read_json(path):
     return json.loads(use(path).read_text())
 
 
+def preset(name):
+    """The --model preset NAME as a dict: its Hugging Face config.json in data/models/, noted."""
+    return read_json(REPO / "data" / "models" / name / "config.json")
+
+
 def step_module(step, module):
     """Import `module`.py of a step folder under a private name (the steps share module names), noted.
 
@@ -199,10 +204,10 @@ def dedupe_legend(ax, **kw):
     ax.legend(seen.values(), seen.keys(), **kw)
 
 
-def tiny_n_params(step="step02_data_parallel", **override):
-    """Parameter count of the tiny preset (from the step's utils.PRESETS) with config overrides,
+def tiny_n_params(**override):
+    """Parameter count of the tiny preset (data/models/tiny/config.json) with config overrides,
     computed from the shapes: embedding, 4 attention and 3 MLP matrices per layer, norms, head."""
-    c = dict(step_module(step, "utils").PRESETS["tiny"], **override)
+    c = dict(preset("tiny"), **override)
     D, I, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
     hd = D // c["num_attention_heads"]
     per_layer = D * hd * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"]) + 3 * D * I + 2 * D

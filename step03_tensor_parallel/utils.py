@@ -1,10 +1,9 @@
-"""Everything the trainers share that is not the lesson: flags, model presets, the learning
-rate schedule, gradient clipping, metrics, and dumping parameters for the tests."""
+"""Everything the trainers share that is not the lesson: flags, the model's config (a preset is a
+Hugging Face config.json in data/models/), the learning rate schedule, gradient clipping, metrics,
+and dumping parameters for the tests."""
 import argparse
-import copy
 import json
 import math
-import os
 import resource
 import sys
 from pathlib import Path
@@ -12,62 +11,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-# Published shapes (config.json of HuggingFaceTB/SmolLM-* and meta-llama/Llama-2-7b-hf); make_config gives
-# these rms_norm_eps 1e-5 and plain RoPE with theta 10000.
-PRESETS = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1024, max_position_embeddings=1024,
-                 tie_word_embeddings=False),
-    "smollm-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                        max_position_embeddings=2048, tie_word_embeddings=True),
-    "smollm-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
-                        num_attention_heads=15, num_key_value_heads=5, vocab_size=49152,
-                        max_position_embeddings=2048, tie_word_embeddings=True),
-    "smollm-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
-                        num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,
-                        max_position_embeddings=2048, tie_word_embeddings=True),
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                      max_position_embeddings=4096, tie_word_embeddings=False),
-    # HuggingFaceTB/SmolLM2-135M
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                         max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
-                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
-    # HuggingFaceTB/SmolLM2-360M
-    "smollm2-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
-                         num_attention_heads=15, num_key_value_heads=5, vocab_size=49152,
-                         max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
-                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
-    # HuggingFaceTB/SmolLM2-1.7B
-    "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
-                         num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,
-                         max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
-                         rope_parameters={"rope_type": "default", "rope_theta": 130000.0}),
-    # meta-llama/Llama-3.2-1B (its rope_scaling: llama3, factor 32)
-    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-                        max_position_embeddings=131072, tie_word_embeddings=True, rms_norm_eps=1e-5,
-                        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                         "original_max_position_embeddings": 8192}),
-    # meta-llama/Llama-3.1-8B (its rope_scaling: llama3, factor 8)
-    "llama3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-                        max_position_embeddings=131072, tie_word_embeddings=False, rms_norm_eps=1e-5,
-                        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                         "original_max_position_embeddings": 8192}),
-}
+from config_checks import check_config, read_llama_config
+from tensor_files import atomic_save_file, dump_params  # noqa: F401  (for train.py and the checkpoints)
+
+MODELS = Path(__file__).resolve().parent.parent / "data" / "models"  # a preset: MODELS/NAME/config.json
+PRESETS = sorted(p.name for p in MODELS.iterdir() if (p / "config.json").is_file())  # adding one = adding a folder
 OVERRIDES = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
              "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
              "head_dim": "head_dim", "intermediate_size": "intermediate_size", "vocab_size": "vocab_size",
              "tie_word_embeddings": "tie_word_embeddings"}
-# What LlamaForCausalLM can be told that the course's model does not do: key -> the one value it takes.
-NOT_IMPLEMENTED = {"hidden_act": "silu", "attention_dropout": 0.0, "sliding_window": None,
-                   "use_sliding_window": False, "rope_interleaved": False, "partial_rotary_factor": 1.0,
-                   "quantization_config": None}
 
 
 def die(msg):
@@ -83,6 +35,8 @@ def base_parser(description):
         a("--" + flag.replace("_", "-"), type=int, default=None, help="override the model's " + OVERRIDES[flag])
     a("--dataset", default=None, help="local .jsonl/.txt/.parquet/.csv file or directory, or a hub NAME[@REVISION] "
                                       "(default: bundled)")
+    a("--text-column", default=None, help="the corpus's column of documents (default: `text`, else its only "
+                                          "column of strings)")
     a("--tokenizer", default=None, help="local tokenizer directory or hub name (default: bundled)")
     a("--data-cache", default=None, help="folder of token files (default: course_tokens/ in the datasets cache, "
                                          "$HF_DATASETS_CACHE or $HF_HOME/datasets)")
@@ -105,60 +59,26 @@ def base_parser(description):
 
 
 def make_config(args):
-    """A transformers.LlamaConfig from --model plus the shape overrides, checked: anything the course's
-    model would not compute exactly as LlamaForCausalLM does stops here, in one line naming the key.
+    """A transformers.LlamaConfig from --model (a preset, or a directory with a Hugging Face config.json)
+    plus the shape overrides, checked: anything the course's model would not compute exactly as
+    LlamaForCausalLM does stops here, in one line naming the key (config_checks.py).
 
     --hidden-size/--num-heads: head_dim follows them (hidden / heads), unless the model's head_dim was
     not hidden / heads (set on purpose in its config.json): that one is kept. --head-dim sets it."""
-    from transformers import LlamaConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    if args.model in PRESETS:
-        preset = copy.deepcopy(PRESETS[args.model])
-        cfg = LlamaConfig(**{"rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-                             **preset})
-    elif (Path(args.model) / "config.json").is_file():
-        try:
-            model_type = json.loads((Path(args.model) / "config.json").read_text()).get("model_type")
-            if model_type != "llama":
-                die(f"{args.model}/config.json has model_type={model_type!r}; the course trains model_type "
-                    f"'llama' (transformers.LlamaForCausalLM) only")
-            cfg = LlamaConfig.from_pretrained(args.model)
-        except Exception as e:  # unreadable JSON, or a value LlamaConfig's own validation refuses
-            die(f"{args.model}/config.json: {str(e).strip().splitlines()[-1].strip()}")
-    else:
+    directory = str(MODELS / args.model) if args.model in PRESETS else args.model  # the same path for both
+    if not (Path(directory) / "config.json").is_file():
         die(f"--model {args.model} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json")
-    head_dim_follows = cfg.head_dim == cfg.hidden_size // cfg.num_attention_heads
-    for flag, key in OVERRIDES.items():
-        if getattr(args, flag) is not None:
-            setattr(cfg, key, bool(getattr(args, flag)) if key == "tie_word_embeddings" else getattr(args, flag))
-    if cfg.hidden_size % cfg.num_attention_heads:  # LlamaConfig refuses it even with an explicit head_dim
-        die(f"hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_attention_heads}; "
-            f"change --hidden-size or --num-heads")
-    if args.head_dim is None and head_dim_follows:
-        cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
-    if cfg.num_attention_heads % cfg.num_key_value_heads:
-        die(f"num_heads={cfg.num_attention_heads} is not a multiple of num_kv_heads={cfg.num_key_value_heads}")
-    if cfg.head_dim % 2:
-        die(f"head_dim={cfg.head_dim} must be even for rotary embeddings; change --hidden-size, --num-heads "
-            f"or --head-dim")
-    rope = cfg.rope_parameters
-    for key, value in NOT_IMPLEMENTED.items():
-        got = rope.get(key, getattr(cfg, key, value)) if key == "partial_rotary_factor" else getattr(cfg, key, value)
-        if got != value:
-            die(f"{key}={got!r} is not implemented by the course's Llama (it needs {value!r}); "
-                f"use a config without it")
-    rope_type = rope.get("rope_type", "default")
-    if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
-        die(f"rope_type {rope_type!r} is not one of transformers' RoPE types "
-            f"(default, {', '.join(ROPE_INIT_FUNCTIONS)})")
-    if args.seq_len > cfg.max_position_embeddings:  # also keeps 'dynamic' RoPE at its fixed frequencies
-        die(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings="
-            f"{cfg.max_position_embeddings}; lower --seq-len")
-    original = rope.get("original_max_position_embeddings") or cfg.max_position_embeddings
-    if rope_type == "longrope" and args.seq_len > original:
-        die(f"rope_type 'longrope' switches to its long_factor beyond original_max_position_embeddings="
-            f"{original}, which the course does not do; use --seq-len {original} or less")
+    try:
+        cfg = read_llama_config(directory)
+        head_dim_follows = cfg.head_dim == cfg.hidden_size // cfg.num_attention_heads
+        for flag, key in OVERRIDES.items():
+            if getattr(args, flag) is not None:
+                setattr(cfg, key, bool(getattr(args, flag)) if key == "tie_word_embeddings" else getattr(args, flag))
+        if args.head_dim is None and head_dim_follows:
+            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        check_config(cfg, args.seq_len)
+    except ValueError as e:
+        die(str(e))
     return cfg
 
 
@@ -241,31 +161,3 @@ class Metrics:
     def close(self):
         if self.file:
             self.file.close()
-
-
-def atomic_save_file(tensors, path, metadata=None):
-    """safetensors' save_file under a temporary name, synced, given the usual mode, then renamed.
-
-    Readers see the old file or the new one, never half of one; safetensors creates files 0600,
-    this gives them 0666 minus the umask like any other file."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())  # on disk before it gets its final name
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)  # atomic on POSIX
-
-
-def dump_params(model, directory, rank=0):
-    """Write this rank's parameters (and how each is sliced) to DIR/rank{N}.safetensors (tests)."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    tensors, meta = {}, {}
-    for name, p in model.named_parameters():
-        tensors[name] = p.detach().float().cpu().contiguous()
-        meta[name] = ",".join(map(str, getattr(p, "shard", ())))  # step03+: (dim, index, count) of a slice
-    atomic_save_file(tensors, os.path.join(directory, f"rank{rank}.safetensors"), meta)

@@ -95,7 +95,8 @@ def main():
     try:
         tokenizer = load_tokenizer(args.tokenizer or DEFAULT_TOKENIZER)
         sequences = load_sequences(args.dataset or DEFAULT_DATASET, tokenizer, args.seq_len, G,
-                                   max_tokens=args.max_tokens, cache_dir=args.data_cache)  # (N, T + 1), mapped
+                                   max_tokens=args.max_tokens, cache_dir=args.data_cache,
+                                   text_column=args.text_column)  # (N, T + 1), mapped
     except (OSError, ValueError) as e:
         die(str(e).splitlines()[0])
     if len(tokenizer) > config.vocab_size:

@@ -120,7 +120,7 @@ def _causal_mask(n, device):
 # Which kernels the blocks use. None (default): flash attention on CUDA where it applies
 # (_flash); on CPU the fused forward and the materialised backward, as in step06.
 # True: the fused backward on CPU too, i.e. the GPU's bookkeeping run by the CPU kernels (tests).
-# False: materialised on CUDA too (ring_check.py's memory baseline).
+# False: materialised on CUDA too (tools/ring_check.py's memory baseline).
 FUSED = None
 
 

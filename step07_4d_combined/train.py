@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this step's own modules
 from checkpoint import Checkpointer, add_checkpoint_args, crash_here
-from config_maker import apply_config_file
+from config_file import apply_config_file
 from context_parallel import check_cp, ring_attention, zigzag_positions, zigzag_slice
 from data_parallel import DataParallel
 from data import DEFAULT_DATASET, DEFAULT_TOKENIZER, global_batch, load_sequences, load_tokenizer
@@ -123,7 +123,8 @@ def main():
     try:
         tokenizer = load_tokenizer(args.tokenizer or DEFAULT_TOKENIZER)
         sequences = load_sequences(args.dataset or DEFAULT_DATASET, tokenizer, args.seq_len, G,
-                                   max_tokens=args.max_tokens, cache_dir=args.data_cache)  # (N, T + 1), mapped
+                                   max_tokens=args.max_tokens, cache_dir=args.data_cache,
+                                   text_column=args.text_column)  # (N, T + 1), mapped
     except (OSError, ValueError) as e:
         die(str(e).splitlines()[0])
     if len(tokenizer) > config.vocab_size:

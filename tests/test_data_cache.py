@@ -16,6 +16,7 @@ from launch import REPO, TINY, child_env, torchrun
 from test_step01_model import load_step_module
 
 D = load_step_module("step01_single_gpu", "data")
+T = D.token_file  # how the file is built, shared and checked (the same module data.py calls)
 TOK = D.load_tokenizer(D.DEFAULT_TOKENIZER)
 
 
@@ -38,7 +39,7 @@ def one_line_error(excinfo, *words):
 def test_second_load_maps_the_file_without_tokenizing(tmp_path, monkeypatch):
     data = corpus(tmp_path / "c.jsonl", docs(300))
     first = D.load_sequences(data, TOK, 16, G=4, cache_dir=tmp_path / "cache")
-    monkeypatch.setattr(D, "tokenize", lambda *a: pytest.fail("the second load tokenized again"))
+    monkeypatch.setattr(T, "tokenize", lambda *a: pytest.fail("the second load tokenized again"))
     again = D.load_sequences(data, TOK, 16, G=4, cache_dir=tmp_path / "cache")
     rows = torch.arange(len(first))
     assert len(again) == len(first) and torch.equal(again[rows], first[rows])
@@ -94,7 +95,7 @@ def test_a_vocabulary_over_65536_tokens_is_stored_as_uint32(tmp_path):
 def test_tokenizing_in_several_processes_keeps_the_corpus_order(tmp_path, monkeypatch):
     data = corpus(tmp_path / "c.jsonl", docs(3000))
     alone = D.load_sequences(data, TOK, 16, G=4, cache_dir=tmp_path / "one")
-    monkeypatch.setattr(D, "POOL_BYTES", 0)  # any corpus is big enough for the pool of processes
+    monkeypatch.setattr(T, "POOL_BYTES", 0)  # any corpus is big enough for the pool of processes
     pooled = D.load_sequences(data, TOK, 16, G=4, cache_dir=tmp_path / "pool")
     rows = torch.arange(len(alone))
     assert len(pooled) == len(alone) and torch.equal(pooled[rows], alone[rows])
@@ -129,7 +130,7 @@ def test_a_file_of_another_tokenizer_is_one_line_naming_it(built):
     data, path = built
     other = D.load_tokenizer(D.DEFAULT_TOKENIZER)
     other.add_tokens(["<extra>"])  # another vocabulary: another key, another file name
-    theirs, _, _ = D.token_file(data, other, cache_dir=path.parent)
+    theirs, _, _ = T.locate(data, other, cache_dir=path.parent)
     for suffix in (".bin", ".json"):  # put this tokenizer's file where the other one's belongs
         theirs.with_suffix(suffix).write_bytes(path.with_suffix(suffix).read_bytes())
     with pytest.raises(ValueError) as e:
@@ -148,6 +149,59 @@ def test_bad_corpus_is_one_line(tmp_path, content, words):
     with pytest.raises(ValueError) as e:
         D.load_sequences(str(tmp_path / "c.jsonl"), TOK, 16, G=4, cache_dir=tmp_path)
     one_line_error(e, *words)
+
+
+def test_a_chosen_text_column_is_checked_and_keyed(tmp_path):
+    rows = [{"topic": f"t{i}", "content": d, "n": i} for i, d in enumerate(docs(60))]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for column, words in (("body", ["--text-column body", "has no such column (columns: topic, content, n)"]),
+                          ("n", ["column 'n' holds int, not text", "--text-column"])):
+        with pytest.raises(ValueError) as e:
+            D.load_sequences(str(path), TOK, 16, G=4, cache_dir=tmp_path / "cache", text_column=column)
+        one_line_error(e, *words)
+    content = D.load_sequences(str(path), TOK, 16, G=4, cache_dir=tmp_path / "cache", text_column="content")
+    topic = D.load_sequences(str(path), TOK, 16, G=4, cache_dir=tmp_path / "cache", text_column="topic")
+    assert len(content) > len(topic)  # another column, another token file
+    assert len(list((tmp_path / "cache").glob("*.bin"))) == 2
+    # the column is in the key only when it is given: a default run keeps the key (and the file) it had
+    _, source, key = T.locate(str(path), TOK, cache_dir=tmp_path / "cache")
+    _, chosen, chosen_key = T.locate(str(path), TOK, cache_dir=tmp_path / "cache", text_column="text")
+    assert "text_column" not in source and chosen["text_column"] == "text" and chosen_key != key
+
+
+def train_once(tmp_path, *args):
+    """step01's train.py for one step on the tiny model, as a user runs it -> (returncode, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, str(REPO / "step01_single_gpu" / "train.py"), *TINY, "--max-steps", "1",
+                           *map(str, args)], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=180)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_one_error_line(result, *words):
+    rc, out, err = result
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    assert rc != 0 and last.startswith("error: ") and all(w in last for w in words), err[-2000:]
+    assert "Traceback" not in err and sum(line.startswith("error: ") for line in err.splitlines()) == 1, err[-2000:]
+
+
+def test_a_corpus_without_text_column_names_its_columns_and_the_flag(tmp_path):
+    """topic and content, both strings: no guess. --text-column content trains, and says what it read."""
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"topic": f"topic {i}", "content": d}) + "\n" for i, d in enumerate(docs(80))))
+    cache = tmp_path / "cache"
+    assert_one_error_line(train_once(tmp_path, "--dataset", path, "--data-cache", cache),
+                          "no 'text' column", "topic, content", "--text-column")
+    rc, out, err = train_once(tmp_path, "--dataset", path, "--data-cache", cache, "--text-column", "content")
+    assert rc == 0 and "text column 'content' (columns: topic, content)" in out and "step    0 |" in out, err[-2000:]
+
+
+def test_a_data_cache_that_is_a_file_is_one_line_naming_the_flag(tmp_path):
+    (tmp_path / "not_a_folder").write_text("")
+    assert_one_error_line(train_once(tmp_path, "--data-cache", tmp_path / "not_a_folder"),
+                          "--data-cache", "is a file, not a folder")
+    with pytest.raises(OSError) as e:  # a file on its path: the same line, from the data module
+        D.load_sequences(D.DEFAULT_DATASET, TOK, 16, G=4, cache_dir=tmp_path / "not_a_folder" / "below")
+    one_line_error(e, "--data-cache", "cannot be created (Not a directory)")
 
 
 def test_corpus_smaller_than_one_global_batch_is_one_line(tmp_path):
@@ -188,7 +242,7 @@ def test_waiters_stop_with_the_builders_error(tmp_path):
     """This test is the builder (it takes the lock first); three step01 trainers wait for it, then
     it fails: each trainer stops with the builder's line, without a traceback and without rebuilding."""
     data = corpus(tmp_path / "c.jsonl", docs(100))
-    path, _, _ = D.token_file(data, TOK, cache_dir=tmp_path / "cache")
+    path, _, _ = T.locate(data, TOK, cache_dir=tmp_path / "cache")
     logs = [tmp_path / f"{i}.log" for i in range(3)]
     procs = []
 
@@ -202,7 +256,7 @@ def test_waiters_stop_with_the_builders_error(tmp_path):
         raise RuntimeError("the corpus server went away")
 
     with pytest.raises(ValueError, match="the corpus server went away"):
-        D.build_once(path, failing_build)
+        T.build_once(path, failing_build)
     assert all(p.wait(timeout=60) != 0 for p in procs)
     for log in logs:
         out = log.read_text()
@@ -218,7 +272,7 @@ def test_a_corpus_that_fails_mid_way_leaves_its_error_and_no_lock(tmp_path):
     with pytest.raises(ValueError) as e:
         D.load_sequences(str(data), TOK, 16, G=4, cache_dir=tmp_path / "cache")
     msg = one_line_error(e, "JSON parse error")
-    path, _, _ = D.token_file(str(data), TOK, cache_dir=tmp_path / "cache")
+    path, _, _ = T.locate(str(data), TOK, cache_dir=tmp_path / "cache")
     assert path.with_suffix(".error").read_text() == msg
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [path.with_suffix(".error").name]
 
@@ -227,16 +281,16 @@ def test_a_dead_builders_lock_is_taken_over(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer runs
     data = corpus(tmp_path / "c.jsonl", docs(100))
-    path, _, _ = D.token_file(data, TOK, cache_dir=tmp_path)
+    path, _, _ = T.locate(data, TOK, cache_dir=tmp_path)
     path.with_suffix(".lock").write_text(f"{socket.gethostname()} {dead.pid}")
     assert len(D.load_sequences(data, TOK, 16, G=4, cache_dir=tmp_path)) > 4
     assert not path.with_suffix(".lock").exists()
 
 
 def test_a_lock_from_another_host_that_stops_moving_is_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "STALE_S", 0.5)
+    monkeypatch.setattr(T, "STALE_S", 0.5)
     data = corpus(tmp_path / "c.jsonl", docs(100))
-    path, _, _ = D.token_file(data, TOK, cache_dir=tmp_path)
+    path, _, _ = T.locate(data, TOK, cache_dir=tmp_path)
     path.with_suffix(".lock").write_text("some-other-node 4242")
     with pytest.raises(OSError) as e:
         D.load_sequences(data, TOK, 16, G=4, cache_dir=tmp_path)

@@ -31,7 +31,7 @@ def _load(name, path):  # under a unique name: other steps have their own contex
 
 cp_mod = _load("cp_under_test", CP_DIR / "context_parallel.py")
 cp07 = _load("cp07_under_test", STEP07 / "context_parallel.py")
-ring_check = _load("ring_check_under_test", STEP07 / "ring_check.py")
+ring_check = _load("ring_check_under_test", STEP07 / "tools" / "ring_check.py")
 
 
 # ---------------------------------------------------------------- pure layout tests
@@ -210,7 +210,7 @@ def test_cuda_flash_calls_on_meta(shape, monkeypatch, count_fused):
 
 def test_ring_check_runs_on_cpu():
     # ring_check.py is what runs on the GPU; here it must run and pass on CPU (tiny sizes)
-    proc = subprocess.run([sys.executable, str(STEP07 / "ring_check.py"), "--device", "cpu", "--small"],
+    proc = subprocess.run([sys.executable, str(STEP07 / "tools" / "ring_check.py"), "--device", "cpu", "--small"],
                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.splitlines()[-1] == "PASS"

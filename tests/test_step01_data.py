@@ -9,6 +9,7 @@ import torch
 from test_step01_model import load_step_module
 
 D = load_step_module("step01_single_gpu", "data")
+T = D.token_file
 
 
 def documented_packing(corpus, tok, seq_len):
@@ -64,6 +65,6 @@ def test_local_text_file(tmp_path):
 
 
 def test_token_dtype_is_uint16_while_the_vocabulary_fits():
-    assert D.token_dtype(1024) == np.uint16 and D.token_dtype(49152) == np.uint16
-    assert D.token_dtype(2**16) == np.uint16  # ids 0..65535
-    assert D.token_dtype(2**16 + 1) == np.uint32 and D.token_dtype(151_936) == np.uint32
+    assert T.token_dtype(1024) == np.uint16 and T.token_dtype(49152) == np.uint16
+    assert T.token_dtype(2**16) == np.uint16  # ids 0..65535
+    assert T.token_dtype(2**16 + 1) == np.uint32 and T.token_dtype(151_936) == np.uint32

@@ -12,11 +12,16 @@ from launch import REPO
 
 
 def load_step_module(step, name):
-    """Import `name`.py from a step folder under a unique module name."""
+    """Import `name`.py from a step folder under a unique module name. The folder is first on sys.path
+    while it runs, as train.py puts it, so the module's own imports find their siblings."""
     spec = importlib.util.spec_from_file_location(f"{step}_{name}", REPO / step / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(REPO / step))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(REPO / step))
     return mod
 
 
@@ -259,20 +264,32 @@ def test_head_dim_follows_shape_overrides_unless_explicit(tmp_path):
 
 
 # Parameter totals of the published checkpoints (the hub's safetensors counts; the model cards round them
-# to 135M, 362M, 1.71B, 1.24B and 8.03B).
-PUBLISHED = {"smollm2-135m": 134_515_008, "smollm2-360m": 361_821_120, "smollm2-1.7b": 1_711_376_384,
-             "llama3.2-1b": 1_235_814_400, "llama3.1-8b": 8_030_261_248}
+# to 135M, 362M, 1.71B, 1.24B, 8.03B and 6.74B). SmolLM2 has SmolLM's shapes and another rope_theta (1e5,
+# 1.3e5 for 1.7B), which holds no parameters: the same counts. tiny is the course's own (README: 0.21M).
+PUBLISHED = {"smollm-135m": 134_515_008, "smollm-360m": 361_821_120, "smollm-1.7b": 1_711_376_384,
+             "smollm2-135m": 134_515_008, "smollm2-360m": 361_821_120, "smollm2-1.7b": 1_711_376_384,
+             "llama3.2-1b": 1_235_814_400, "llama3.1-8b": 8_030_261_248, "llama2-7b": 6_738_415_616,
+             "tiny": 205_120}
 
 
-@pytest.mark.parametrize("name", PUBLISHED)
+def test_presets_are_the_folders_of_data_models():
+    """A preset is data/models/NAME/config.json, nothing else: adding one is adding a folder."""
+    assert U.PRESETS == sorted(p.parent.name for p in (REPO / "data" / "models").glob("*/config.json"))
+    assert set(PUBLISHED) <= set(U.PRESETS)
+    for name in U.PRESETS:
+        assert json.loads((U.MODELS / name / "config.json").read_text())["model_type"] == "llama"
+
+
+@pytest.mark.parametrize("name", U.PRESETS)
 def test_preset_builds_with_the_published_parameter_count(tmp_path, name):
+    """Every preset builds as transformers builds it (a new folder too); those with a published count have it."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     cfg = make_config(tmp_path, argv=["--model", name])
     with torch.device("meta"):
         ours, hf = M.Llama(cfg), LlamaForCausalLM(cfg)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731  (a tied matrix counts once)
-    assert count(ours) == count(hf) == PUBLISHED[name]
+    assert count(ours) == count(hf) == PUBLISHED.get(name, count(hf))
     assert {n: p.shape for n, p in ours.named_parameters()} == {n: p.shape for n, p in hf.named_parameters()}
     rope = LlamaRotaryEmbedding(cfg)  # transformers' (hd/2,) frequencies for this preset, on the CPU
     assert torch.equal(ours.rope_inv_freq, rope.inv_freq) and ours.rope_attention_scaling == rope.attention_scaling

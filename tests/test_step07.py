@@ -15,6 +15,7 @@ ENOSPC, a full disk.
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,13 +29,18 @@ from launch import (REPO, TINY, assert_same_losses, child_env, load_full_params,
 
 STEP = "step07_4d_combined"
 DIR = REPO / STEP
+TOOLS = DIR / "tools"  # the stand-alone programs: train.py imports none of them
 COMMON = [*TINY, "--max-steps", "10", "--grad-acc-steps", "4"]
 
 
 def load(name):
     spec = importlib.util.spec_from_file_location(f"{STEP}_{name}", DIR / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(DIR))  # its own imports find their siblings, as under train.py
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(DIR))
     return mod
 
 
@@ -100,9 +106,9 @@ def test_pp_cp_tp_equals_step01(pp_cp_tp, work):
 
 
 def test_dp_pp_cp_from_a_config_file_equals_step01(work):
-    """config_maker.py writes the layout; a command-line flag overrides the file (--max-steps)."""
+    """tools/config_maker.py writes the layout; a command-line flag overrides the file (--max-steps)."""
     cfg = work / "dp_pp_cp.json"
-    subprocess.run([sys.executable, DIR / "config_maker.py", "--dp", "2", "--pp", "2", "--cp", "2",
+    subprocess.run([sys.executable, TOOLS / "config_maker.py", "--dp", "2", "--pp", "2", "--cp", "2",
                     "--model", "tiny", "--num-kv-heads", "4", "--max-steps", "50", "--out", cfg], check=True)
     raw = json.loads(cfg.read_text())
     assert raw["distributed"] == {"dp": 2, "pp": 2, "cp": 2} and raw["training"]["max_steps"] == 50
@@ -112,14 +118,23 @@ def test_dp_pp_cp_from_a_config_file_equals_step01(work):
                         what="dp2 pp2 cp2 (config file)")
 
 
+def test_reference_lists_every_flag():
+    """REFERENCE.md's flag table: every flag train.py --help shows."""
+    out = subprocess.run([sys.executable, DIR / "train.py", "--help"], cwd=REPO, env=child_env(), capture_output=True,
+                         text=True, timeout=120).stdout
+    flags = set(re.findall(r"(--[a-z][a-z0-9-]*)", out)) - {"--help"}
+    reference = (DIR / "REFERENCE.md").read_text()
+    assert len(flags) > 40 and not {f for f in flags if f"`{f}" not in reference}, flags
+
+
 def test_config_maker_set_checks_the_key(tmp_path):
     """--set KEY=VALUE writes only flags train.py has: its own example works, a typo is one line."""
     out = tmp_path / "c.json"
-    ok = subprocess.run([sys.executable, DIR / "config_maker.py", "--set", "bucket_size_mb=50", "--out", out],
+    ok = subprocess.run([sys.executable, TOOLS / "config_maker.py", "--set", "bucket_size_mb=50", "--out", out],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert json.loads(out.read_text())["extra"] == {"bucket_size_mb": 50}
-    bad = subprocess.run([sys.executable, DIR / "config_maker.py", "--set", "pp_schedule=1f1b", "--out", out],
+    bad = subprocess.run([sys.executable, TOOLS / "config_maker.py", "--set", "pp_schedule=1f1b", "--out", out],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     expect_one_line(bad, "--set pp_schedule=1f1b: train.py has no flag --pp-schedule")
 
@@ -462,14 +477,14 @@ def test_mfu_arithmetic():
 
     mfu = load("mfu")
     utils = load("utils")
-    cfg = LlamaConfig(**utils.PRESETS["smollm-135m"])
+    cfg = LlamaConfig.from_pretrained(utils.MODELS / "smollm-135m")
     # by hand: per layer q 576*576 + k,v 2*576*192 + o 576*576 + mlp 3*576*1536 = 3,538,944;
     # x 30 layers + head 49152*576 = 134,479,872 (the tied embedding counted once, as the head)
     assert mfu.matmul_params(cfg) == 134_479_872
     assert mfu.flops_per_token(cfg, 2048) == 6 * 134_479_872 + 12 * 30 * 576 * 2048 == 1_231_552_512
-    untied = LlamaConfig(**{**utils.PRESETS["smollm-135m"], "tie_word_embeddings": False})
+    untied = LlamaConfig.from_pretrained(utils.MODELS / "smollm-135m", tie_word_embeddings=False)
     assert mfu.flops_per_token(untied, 2048) == 1_231_552_512  # same math, so the same FLOPs
-    tiny = LlamaConfig(**utils.PRESETS["tiny"])
+    tiny = LlamaConfig.from_pretrained(utils.MODELS / "tiny")
     # 2 layers x (3 x 64*64 + 64*32 + ... ) : q 4096 + k,v 2*2048 + o 4096 + mlp 3*8192 = 36,864 per layer
     assert mfu.flops_per_token(tiny, 32) == 6 * (2 * 36_864 + 1024 * 64) + 12 * 2 * 64 * 32 == 884_736
     m = mfu.MFU(tiny, 32, n_devices=2, device="cpu", override_tflops=884_736 * 500 / 0.4 / 1e12)
@@ -498,7 +513,7 @@ def test_mfu_counts_head_dim_and_not_biases():
     # llama3.2-1b: per layer q 2048^2 + k,v 2 x 2048 x 512 + o 2048^2 + mlp 3 x 2048 x 8192 = 60,817,408;
     # x 16 layers + the head 128256 x 2048 = the published 1,235,814,400 less its 33 norm gains of 2048
     # (the tied table is counted once, as the head)
-    cfg = LlamaConfig(**utils.PRESETS["llama3.2-1b"])
+    cfg = LlamaConfig.from_pretrained(utils.MODELS / "llama3.2-1b")
     assert mfu.matmul_params(cfg) == 16 * 60_817_408 + 128_256 * 2048 == 1_235_814_400 - 33 * 2048 == 1_235_746_816
     assert mfu.flops_per_token(cfg, 8192) == 6 * 1_235_746_816 + 12 * 16 * 2048 * 8192
 
@@ -543,7 +558,7 @@ def test_speed_flags_refuse_what_they_cannot_do(tmp_path, flags, text):
 
 def test_gpu_check_script_runs_its_parts_on_cpu(tmp_path):
     """gpu_check.sh, tried as its header says (CHECK_DEVICE=cpu), on the parts that need no compiler."""
-    run = lambda *parts: subprocess.run(["bash", DIR / "gpu_check.sh", tmp_path / "out", *parts], cwd=REPO,
+    run = lambda *parts: subprocess.run(["bash", TOOLS / "gpu_check.sh", tmp_path / "out", *parts], cwd=REPO,
                                         env=child_env({"CHECK_DEVICE": "cpu"}), capture_output=True, text=True,
                                         timeout=300)
     proc = run("versions", "bench", "summary")
@@ -557,7 +572,7 @@ def test_gpu_check_script_runs_its_parts_on_cpu(tmp_path):
 
 
 def test_benchmark_runs_on_cpu(tmp_path):
-    cmd = [sys.executable, DIR / "benchmark.py", "--device", "cpu", "--model", "tiny", "--seq-len", "32",
+    cmd = [sys.executable, TOOLS / "benchmark.py", "--device", "cpu", "--model", "tiny", "--seq-len", "32",
            "--micro-batch-size", "2", "--steps", "2", "--warmup", "1", "--peak-tflops", "0.001"]
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -570,7 +585,7 @@ def test_benchmark_runs_on_cpu(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
 @pytest.mark.parametrize("script", ["benchmark.py", "gpu_smoke.py"])
 def test_gpu_scripts_fail_clearly_without_a_gpu(script):
-    proc = subprocess.run([sys.executable, DIR / script], cwd=REPO, env=child_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, TOOLS / script], cwd=REPO, env=child_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "GPU" in proc.stderr, proc.stderr
@@ -592,7 +607,7 @@ def test_slurm_script_launches_train_py(tmp_path):
                      "SLURM_JOB_ID": "1", "SLURM_JOB_NAME": "t", "MASTER_PORT": str(free_port()),
                      "SAVE_DIR": str(tmp_path / "ckpt")})
     log = tmp_path / "m.jsonl"
-    proc = subprocess.run(["bash", DIR / "slurm.sbatch", *TINY, "--max-steps", "2", "--dp", "2", "--log-file", log],
+    proc = subprocess.run(["bash", TOOLS / "slurm.sbatch", *TINY, "--max-steps", "2", "--dp", "2", "--log-file", log],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert [m["step"] for m in read_metrics(log)] == [0, 1]

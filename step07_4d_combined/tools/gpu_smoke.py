@@ -2,7 +2,7 @@
 
 The test suite runs on CPU (gloo, float32); this is the check that the same code also runs
 where it is meant to: NCCL process groups, bf16 autocast, fused AdamW, CUDA memory stats.
-Each step folder next to this one runs in its own torchrun subprocess (world size --nproc,
+Each step folder of the repository runs in its own torchrun subprocess (world size --nproc,
 default 1, so any machine with one GPU will do); a step passes if it exits 0 and logs
 --max-steps finite losses. "vs first" compares each step's last loss with the first step
 folder's: at world size 1 every step trains the same model on the same data, so they should
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent.parent  # tools/ -> step07_4d_combined/ -> the repository
 
 
 def free_port():
@@ -36,7 +36,7 @@ def run(step_dir, args, log):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True,
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=args.timeout)
         rc, out = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired:
@@ -63,7 +63,7 @@ def main(argv=None):
     if args.device == "cuda" and torch.cuda.device_count() < args.nproc:
         sys.exit(f"error: gpu_smoke.py needs {args.nproc} CUDA GPU(s) and sees {torch.cuda.device_count()}; "
                  f"run it on a GPU machine (or pass --device cpu to test the script itself)")
-    steps = sorted(d for d in HERE.parent.glob("step0*") if (d / "train.py").is_file())
+    steps = sorted(d for d in REPO.glob("step0*") if (d / "train.py").is_file())
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"{len(steps)} steps | {device} x {args.nproc} | {args.model} seq {args.seq_len} | "
           f"{args.dtype} | {args.max_steps} steps each")

@@ -1,6 +1,6 @@
 """Ring attention's block kernels, and whole rings, against float32 references on one device.
 
-    python step07_4d_combined/ring_check.py [--device cpu] [--small]
+    python step07_4d_combined/tools/ring_check.py [--device cpu] [--small]
 
 One process, no torch.distributed (one GPU means NCCL runs one rank). On CUDA the blocks run
 flash attention (bf16), B=2 H=8 T/cp=1024; on CPU the fused CPU kernels with
@@ -216,7 +216,7 @@ def main(argv=None):
     p.add_argument("--small", action="store_true", help="tiny sizes (the test suite, on CPU)")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
-    spec = importlib.util.spec_from_file_location("ring_check_cp", Path(__file__).parent / "context_parallel.py")
+    spec = importlib.util.spec_from_file_location("ring_check_cp", Path(__file__).parent.parent / "context_parallel.py")
     cpm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cpm)
     torch.manual_seed(0)

@@ -2,13 +2,13 @@
 # The GPU check, in one run: versions, every step's smoke test, the fused ring-attention kernels,
 # course vs transformers (eager and compiled), and train.py --compile with a profile.
 #
-#   bash step07_4d_combined/gpu_check.sh OUT [PART ...]     # on the GPU machine, from the repo root
-#   CHECK_DEVICE=cpu bash step07_4d_combined/gpu_check.sh OUT  # the same parts, tiny, on a CPU
+#   bash step07_4d_combined/tools/gpu_check.sh OUT [PART ...]     # on the GPU machine, from the repo root
+#   CHECK_DEVICE=cpu bash step07_4d_combined/tools/gpu_check.sh OUT  # the same parts, tiny, on a CPU
 #
 # PARTS (default: all, in this order): versions smoke ring bench compiled train summary.
 # Each part writes OUT/PART.log (benchmarks: OUT/bench_*.json, train: OUT/train.jsonl and
 # OUT/profile/rank0.json.gz); OUT/status.txt gets one "PART ok|FAIL seconds" line per part and a
-# failed part does not stop the others; OUT/summary.md is the table for step07's README.
+# failed part does not stop the others; OUT/summary.md is the table for step07's REFERENCE.md.
 # On an H200 the parts take about: smoke 2 min, ring 0.5, bench 1, compiled 3, train 2.
 #
 # No `datasets` on the GPU machine? Bring wheels for Python 3.12 in .whl/ (git-ignored), made here:
@@ -27,7 +27,7 @@ for part in $parts; do
     *) echo "error: unknown part $part; parts: versions smoke ring bench compiled train summary"; exit 2 ;;
   esac
 done
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -46,7 +46,7 @@ if [ "${CHECK_DEVICE:-cuda}" = cpu ]; then  # the same parts, tiny, so that the 
 else
   dev=() model=smollm-1.7b seq=2048 mbs=4 steps=10 extra=()
 fi
-bench=(python3 step07_4d_combined/benchmark.py "${dev[@]}" --model $model --seq-len $seq
+bench=(python3 step07_4d_combined/tools/benchmark.py "${dev[@]}" --model $model --seq-len $seq
        --micro-batch-size $mbs --steps $steps "${extra[@]}")
 
 run_part() {  # run_part NAME LIMIT_S CMD...: its output to OUT/NAME.log, one line to OUT/status.txt
@@ -78,8 +78,8 @@ if torch.cuda.is_available():
 else:
     print('no CUDA device')
 " ;;
-    smoke) run_part smoke 300 python3 step07_4d_combined/gpu_smoke.py "${dev[@]}" --max-steps 3 --timeout 120 ;;
-    ring) run_part ring 120 python3 step07_4d_combined/ring_check.py "${dev[@]}" ;;
+    smoke) run_part smoke 300 python3 step07_4d_combined/tools/gpu_smoke.py "${dev[@]}" --max-steps 3 --timeout 120 ;;
+    ring) run_part ring 120 python3 step07_4d_combined/tools/ring_check.py "${dev[@]}" ;;
     bench) run_part bench 240 sh -c '"$@" > "$0"' "$out/bench_eager.json" "${bench[@]}" ;;
     compiled) run_part compiled 420 sh -c '"$@" > "$0"' "$out/bench_compiled.json" "${bench[@]}" --compile ;;
     train) rm -rf "$out/profile"

@@ -25,7 +25,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this step's own modules
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the trainer's modules
 from mfu import MFU, add_mfu_args
 from model import Llama, materialize
 from utils import PRESETS, base_parser, clip_grad_norm_, die, make_config

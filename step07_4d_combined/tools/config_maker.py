@@ -1,13 +1,9 @@
-"""Config files: one JSON per experiment instead of a long command line.
+"""Write a train.py --config file from flags (README.md has the commands).
 
-    python config_maker.py --dp 2 --pp 2 --tp 2 --model smollm-135m --seq-len 1024 \
-        --micro-batch-size 4 --grad-acc-steps 8 --out configs/my_run.json
-    torchrun --nproc_per_node 8 train.py --config configs/my_run.json --max-steps 20
-
-The file has sections (distributed, model, training, data, checkpoint, logging) whose keys
-are train.py's flags (dashes or underscores). train.py reads it with apply_config_file:
-the values become the parser's defaults, so any flag given on the command line still wins.
-Unknown keys are an error, not silently ignored (a typo would otherwise train something else).
+The file has sections (distributed, model, training, data, checkpoint, logging) whose keys are
+train.py's flags; only the values given are written, so the trainer's defaults fill in the rest.
+--set KEY=VALUE adds any other flag train.py has. It prints the world size, the tokens per step
+and the command that runs the file. train.py reads it with config_file.py.
 """
 import argparse
 import json
@@ -17,7 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-TRAIN = Path(__file__).resolve().parent / "train.py"
+HERE = Path(__file__).resolve().parent  # step07_4d_combined/tools
+TRAIN = HERE.parent / "train.py"
 
 SECTIONS = {  # section -> flags (dests) this maker writes there
     "distributed": ["dp", "pp", "cp", "tp", "pp_engine"],
@@ -25,39 +22,10 @@ SECTIONS = {  # section -> flags (dests) this maker writes there
               "vocab_size", "tie_word_embeddings", "init_from_hf"],
     "training": ["seq_len", "micro_batch_size", "grad_acc_steps", "max_steps", "lr", "warmup_steps",
                  "weight_decay", "grad_clip", "seed", "dtype", "device"],
-    "data": ["dataset", "tokenizer", "data_cache", "max_tokens"],
+    "data": ["dataset", "tokenizer", "data_cache", "max_tokens", "text_column"],
     "checkpoint": ["save_dir", "save_every", "keep_last", "resume", "export_hf"],
     "logging": ["log_file", "peak_tflops"],
 }
-
-
-def read_config(path, known):
-    """Flatten a config file into {dest: value}; die on keys train.py does not have."""
-    from utils import die
-
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        die(f"--config {path}: {str(e).splitlines()[0]}")
-    flat = {}
-    for key, value in raw.items():
-        items = value.items() if isinstance(value, dict) else [(key, value)]  # a section, or a flag
-        for k, v in items:
-            flat[k.replace("-", "_")] = v
-    unknown = sorted(set(flat) - set(known) - {"config"})
-    if unknown:
-        die(f"--config {path}: unknown key(s) {', '.join(unknown)}; keys are train.py's flags")
-    return flat
-
-
-def apply_config_file(parser, argv=None):
-    """Add --config; if given, its values become defaults (so command-line flags override them)."""
-    parser.add_argument("--config", default=None, help="JSON file of flag values (see config_maker.py); "
-                                                       "flags on the command line override it")
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        known = vars(parser.parse_args([]))  # every dest the trainer has, with its built-in default
-        parser.set_defaults(**read_config(pre.config, known))
 
 
 def make(args):
@@ -111,11 +79,11 @@ def main(argv=None):
     mbs, acc, T = args.micro_batch_size or 8, args.grad_acc_steps or 1, args.seq_len or 64
     print(f"{args.out}: world {world} = dp {d['dp']} x pp {d['pp']} x cp {d['cp']} x tp {d['tp']} | "
           f"global batch {mbs * acc * d['dp']} sequences x {T} tokens = {mbs * acc * d['dp'] * T:,} tokens/step")
-    train = os.path.relpath(Path(__file__).resolve().parent / "train.py")
+    train = os.path.relpath(TRAIN)
     if world <= 8:
         print(f"run: torchrun --nproc_per_node {world} {train} --config {args.out}")
     else:  # more GPUs than one node has: see slurm.sbatch
-        print(f"run: CONFIG={args.out} sbatch --nodes {world // 8} {os.path.dirname(train) or '.'}/slurm.sbatch"
+        print(f"run: CONFIG={args.out} sbatch --nodes {world // 8} {os.path.relpath(HERE / 'slurm.sbatch')}"
               f"   (8 GPUs per node)")
 
 
