@@ -15,7 +15,7 @@ from config_checks import check_config, read_llama_config
 from tensor_files import atomic_save_file, dump_params  # noqa: F401  (for train.py and the checkpoints)
 
 MODELS = Path(__file__).resolve().parent.parent / "data" / "models"  # a preset: MODELS/NAME/config.json
-PRESETS = sorted(p.name for p in MODELS.iterdir() if (p / "config.json").is_file())  # adding one = adding a folder
+PRESETS = sorted(p.name for p in MODELS.iterdir() if (p / "config.json").is_file()) if MODELS.is_dir() else []
 OVERRIDES = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
              "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
              "head_dim": "head_dim", "intermediate_size": "intermediate_size", "vocab_size": "vocab_size",

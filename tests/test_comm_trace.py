@@ -233,8 +233,9 @@ def test_step03_tp_allreduces_per_layer_of_a_modified_copy(tmp_path):
     _, c = tiny_n_params(STEP03)
     L, D = c["num_hidden_layers"], c["hidden_size"]
     B, T, grad_acc, steps = 2, 32, 2, 2
-    copy = tmp_path / "my_step03"
+    copy = tmp_path / "course" / "my_step03"  # beside the course's data/, as `cp -r` in the repo makes it
     shutil.copytree(STEP03, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy.parent / "data").symlink_to(REPO / "data")
     train = copy / "train.py"
     train.write_text(train.read_text().replace('print(f"model {args.model}', 'print(f"my copy: model {args.model}'))
     args = [*TINY, "--max-steps", steps, "--grad-acc-steps", grad_acc, "--tp", 2,
