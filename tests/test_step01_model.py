@@ -264,12 +264,12 @@ def test_head_dim_follows_shape_overrides_unless_explicit(tmp_path):
 
 
 # Parameter totals of the published checkpoints (the hub's safetensors counts; the model cards round them
-# to 135M, 362M, 1.71B, 1.24B, 8.03B and 6.74B). SmolLM2 has SmolLM's shapes and another rope_theta (1e5,
+# to 135M, 362M, 1.71B, 1.24B, 8.03B, 6.74B, 70.6B and 406B). SmolLM2 has SmolLM's shapes and another rope_theta (1e5,
 # 1.3e5 for 1.7B), which holds no parameters: the same counts. tiny is the course's own (README: 0.21M).
 PUBLISHED = {"smollm-135m": 134_515_008, "smollm-360m": 361_821_120, "smollm-1.7b": 1_711_376_384,
              "smollm2-135m": 134_515_008, "smollm2-360m": 361_821_120, "smollm2-1.7b": 1_711_376_384,
              "llama3.2-1b": 1_235_814_400, "llama3.1-8b": 8_030_261_248, "llama2-7b": 6_738_415_616,
-             "tiny": 205_120}
+             "llama3.1-70b": 70_553_706_496, "llama3.1-405b": 405_853_388_800, "tiny": 205_120}
 
 
 def test_presets_are_the_folders_of_data_models():
