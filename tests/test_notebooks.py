@@ -27,7 +27,7 @@ sys.path.insert(0, str(NOTEBOOKS))
 import build  # noqa: E402  (notebooks/build.py)
 
 NAMES = ["01_collectives", "02_data_parallel", "03_tensor_parallel", "04_pipeline",
-         "05_context_parallel", "06_4d_mesh", "07_memory"]
+         "05_context_parallel", "06_4d_mesh", "07_memory", "08_planner"]
 RERECORD = os.environ.get("COURSE_NOTEBOOKS_RERECORD") == "1"
 
 

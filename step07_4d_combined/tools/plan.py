@@ -152,17 +152,31 @@ def in_flight_chunks(lay, m, stage):
     return min(V * m, (V - 1) * p + 2 * (p - stage - 1) + 1)
 
 
+_CACHE = {}
+
+
 def layer_params(cfg, tp):
     """Elements of one decoder layer on one tp rank."""
-    return sum(n for name, n in memory.stage_params(cfg, tp, cfg.num_hidden_layers, 0)
-               if name not in ("embed_tokens", "norm", "lm_head"))
+    key = ("layer", id(cfg), tp)
+    if key not in _CACHE:
+        _CACHE[key] = sum(n for name, n in memory.stage_params(cfg, tp, cfg.num_hidden_layers, 0)
+                          if name not in ("embed_tokens", "norm", "lm_head"))
+    return _CACHE[key]
+
+
+def param_counts(cfg, tp, pp, stage):
+    """memory.param_counts, remembered: the search asks for the same stage many times."""
+    key = ("stage", id(cfg), tp, pp, stage)
+    if key not in _CACHE:
+        _CACHE[key] = memory.param_counts(cfg, tp, pp, stage)
+    return _CACHE[key]
 
 
 def rank_memory(cfg, lay, T, m, dtype, stage, reserved_gib=0.0, bucket_mb=25.0, weights="fp32"):
     """Bytes one rank of pipeline stage `stage` holds at its peak, by kind (memory.py's terms).
     weights="fp32": train.py's float32 parameters (bf16 runs autocast them); "bf16": bf16 parameters
     with float32 master weights and gradient accumulation, as nanotron and Megatron-LM keep them."""
-    n, tensors = memory.param_counts(cfg, lay.tp, lay.pp, stage)
+    n, tensors = param_counts(cfg, lay.tp, lay.pp, stage)
     W = lay.dp * lay.cp
     z = lay.zero if W > 1 else 0
     one_layer = 4 * layer_params(cfg, lay.tp)
@@ -214,8 +228,9 @@ def link(hw, lay, axis, gpus_per_node):
     return hw[f"{where}_latency_us"] * 1e-6, hw[f"{where}_gbps"] * 1e9
 
 
-def step_time(cfg, lay, T, m, hw, gpus_per_node):
-    """Seconds of one optimizer step on the slowest rank, by where they go."""
+def step_time(cfg, lay, T, m, hw, gpus_per_node, overlap=True):
+    """Seconds of one optimizer step on the slowest rank, by where they go (overlap=False: dp's
+    collectives wait for backward to end, as without buckets: what the overlap buys)."""
     cpu = hw.get("cores") is not None
     dtype = "float32" if cpu else "bfloat16"
     c = 4 if cpu else 2
@@ -238,7 +253,7 @@ def step_time(cfg, lay, T, m, hw, gpus_per_node):
     head = 6 * cfg.vocab_size * D
     layer_share = 1 - head / flops_per_token(cfg, T)  # recompute runs the layers' forward, not the head
     t_recompute = m * t_mb * layer_share / 3 if lay.recompute else 0.0
-    n_local = memory.param_counts(cfg, lay.tp, lay.pp, 0)[0]
+    n_local = param_counts(cfg, lay.tp, lay.pp, 0)[0]
     W = lay.dp * lay.cp
     t_opt = ADAMW_BYTES * n_local / (W if lay.zero and W > 1 else 1) / bw * slow
     compute = m * t_mb + t_opt
@@ -270,7 +285,7 @@ def step_time(cfg, lay, T, m, hw, gpus_per_node):
         g = 4 * n_local
         bucket = min(g, 25 * 2**20)
         last = ring(W, bucket, a, b)
-        backward = t_mb * 2 / 3
+        backward = t_mb * 2 / 3 if overlap else 0.0
         if lay.zero <= 1:
             t_dp = max(last, ring(W, g, a, b) - backward)
         elif lay.zero == 2:
@@ -278,7 +293,8 @@ def step_time(cfg, lay, T, m, hw, gpus_per_node):
             t_dp = m * max(ring(W, bucket, a, b, "reduce_scatter"), rs - backward) + ring(W, g, a, b, "all_gather")
         else:  # ZeRO-3: gather weights forward and backward, reduce-scatter gradients, per micro-batch
             per_layer_comm = 3 * ring(W, g / (L / lay.pp), a, b, "all_gather")
-            t_dp = m * (L / lay.pp) * max(0.0, per_layer_comm - t_mb / (L / lay.pp)) + last
+            hidden = t_mb / (L / lay.pp) if overlap else 0.0
+            t_dp = m * (L / lay.pp) * max(0.0, per_layer_comm - hidden) + last
         t_dp *= slow
     # the bubble: pp - 1 slots of one micro-batch's work (/ V interleaved)
     slot = t_mb + (t_tp + t_pp) / m
