@@ -1,0 +1,362 @@
+"""Worker for tests/test_native_twins.py, run under torchrun (gloo, CPU, 2 ranks).
+
+"The same in PyTorch": each twin trains the course's Llama (the step's own model.py) a few steps
+twice from the same seed on the same global batch, once with the module the course wrote and once
+with torch.distributed's own implementation of that dimension, and records per-step losses and the
+final parameters (whole tensors) of both. Rank 0 writes them to argv[1] as JSON; the pytest side
+compares them. argv[2]: comma-separated twin names (default: all).
+
+The steps have no package structure and share module names (model, utils, ...): load_step imports
+one step's modules in a scope of their own and takes them out of sys.modules again.
+"""
+import importlib
+import json
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  before any group (see process_group_manager.py)
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[2]
+# A tiny Llama with grouped-query attention; untied embeddings, because the native TP and PP
+# pieces shard or place embedding and head separately (the course's tie handling is tested elsewhere).
+CFG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, head_dim=8, vocab_size=64, tie_word_embeddings=False, rms_norm_eps=1e-5,
+           initializer_range=0.02, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+           attention_bias=False, mlp_bias=False)
+SEED, STEPS, MBS, T, LR, CLIP = 42, 3, 2, 16, 3e-3, 1.0
+
+
+def load_step(step, *names):
+    """Import modules `names` from REPO/step in their own scope: -> namespace of modules."""
+    folder = REPO / step
+    own = {f.stem for f in folder.glob("*.py")}
+    saved = {n: sys.modules.pop(n) for n in list(sys.modules) if n in own}
+    path = list(sys.path)
+    sys.path.insert(0, str(folder))
+    try:
+        return SimpleNamespace(**{n: importlib.import_module(n) for n in names})
+    finally:
+        for n in own:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+        sys.path[:] = path
+
+
+def config():
+    return SimpleNamespace(**CFG)  # the fields model.py reads; no transformers import (slow)
+
+
+def batches(n_seq):
+    """STEPS global batches of n_seq sequences: (STEPS, n_seq, T + 1) token ids, equal on every rank."""
+    g = torch.Generator().manual_seed(SEED)
+    return torch.randint(0, CFG["vocab_size"], (STEPS, n_seq, T + 1), generator=g)
+
+
+def build(step_mod, parallelize=None):
+    """The course's way to build a model: shapes on meta, parallelize, materialize, init_weights."""
+    with torch.device("meta"):
+        model = step_mod.model.Llama(config())
+    if parallelize:
+        parallelize(model)
+    step_mod.model.materialize(model, "cpu")
+    step_mod.model.init_weights(model, SEED)
+    return model
+
+
+def adamw(params, cls=torch.optim.AdamW, **kw):
+    """The course's AdamW (train.py): weight decay on matrices only."""
+    params = list(params)
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return cls(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8, **kw)
+
+
+def ce(logits, y):
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+def mean_over(loss_sum, n, group=None):
+    t = loss_sum.detach().clone()
+    dist.all_reduce(t, group=group)
+    return t.item() / n
+
+
+def gathered(parts):
+    """Merge each rank's {name: whole tensor} on every rank -> {name: flat list}."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, {k: v.detach().reshape(-1).tolist() for k, v in parts.items()})
+    merged = {}
+    for d in out:
+        merged.update(d)
+    return merged
+
+
+def whole_course(model, group):
+    """Whole tensors of a course model whose tp shards carry .shard = (dim, index, count)."""
+    full = {}
+    for name, p in model.named_parameters():
+        if hasattr(p, "shard"):
+            dim, _, count = p.shard
+            pieces = [torch.empty_like(p) for _ in range(count)]
+            dist.all_gather(pieces, p.detach().contiguous(), group=group)  # all-gather over tp
+            full[name] = torch.cat(pieces, dim)
+        else:
+            full[name] = p.detach()
+    return full
+
+
+# ------------------------------------------------------------------ DP: DataParallel vs DDP
+def twin_dp():
+    """step02 DataParallel vs DistributedDataParallel, 2 micro-batches per rank (no_sync)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    s = load_step("step02_data_parallel", "model", "data_parallel", "utils")
+    rank, world, ga = dist.get_rank(), dist.get_world_size(), 2
+    data = batches(MBS * ga * world)
+
+    def micro(step):  # this rank's share of global batch `step`, as ga (x, y) pairs of (MBS, T)
+        rows = data[step].chunk(world)[rank]
+        return [(r[:, :-1], r[:, 1:]) for r in rows.split(MBS)]
+
+    def run(native):
+        model = build(s)
+        # small buckets: several all-reduces per step, launched during backward
+        wrapped = DDP(model, bucket_cap_mb=0.01) if native else s.data_parallel.DataParallel(model, None, 0.01)
+        opt, losses = adamw(model.parameters()), []
+        for step in range(STEPS):
+            loss_sum = torch.zeros(())
+            for m, (x, y) in enumerate(micro(step)):
+                last = m == ga - 1
+                if native:
+                    ctx = nullcontext() if last else wrapped.no_sync()  # no all-reduce before the last
+                else:
+                    wrapped.require_backward_grad_sync, ctx = last, nullcontext()
+                with ctx:
+                    loss = ce(wrapped(x), y)
+                    (loss / ga).backward()
+                loss_sum += loss.detach()
+            if native:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            else:
+                wrapped.finish_gradient_synchronization()
+                s.utils.clip_grad_norm_(model.parameters(), CLIP)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(mean_over(loss_sum, ga * world))
+        return {"loss": losses, "params": gathered(dict(model.named_parameters()) if rank == 0 else {})}
+
+    return {"course": run(False), "native": run(True)}
+
+
+# ------------------------------------------------------------------ ZeRO-1 vs ZeroRedundancyOptimizer
+def twin_zero1():
+    """step07 --zero 1 (ZeroDataParallel + ShardedAdamW) vs DDP + ZeroRedundancyOptimizer."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    s = load_step("step07_4d_combined", "model", "zero", "process_group_manager", "utils")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    data = batches(MBS * world)
+
+    def run(native):
+        model = build(s)
+        if native:
+            wrapped = DDP(model, bucket_cap_mb=0.01)
+            opt = adamw(model.parameters(), ZeroRedundancyOptimizer, optimizer_class=torch.optim.AdamW)
+        else:
+            pgm = s.process_group_manager.ProcessGroupManager(dp=world, pp=1, cp=1, tp=1)
+            wrapped = s.zero.ZeroDataParallel(model, pgm, 0.01)
+            opt = s.zero.ShardedAdamW(wrapped, adamw(model.parameters()))
+        losses = []
+        for step in range(STEPS):
+            rows = data[step].chunk(world)[rank]  # (MBS, T + 1)
+            loss = ce(wrapped(rows[:, :-1]), rows[:, 1:])
+            loss.backward()
+            if native:  # DDP all-reduced whole grads; each rank steps the parameters it owns
+                torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            else:  # reduce-scattered slices: their squares summed over the world
+                wrapped.finish_gradient_synchronization()
+                s.utils.clip_grad_norm_(wrapped.shards, CLIP, dist.group.WORLD)
+            opt.step()  # both: step this rank's share, then broadcast / all-gather the parameters
+            opt.zero_grad(set_to_none=True)
+            losses.append(mean_over(loss, world))
+        return {"loss": losses, "params": gathered(dict(model.named_parameters()) if rank == 0 else {})}
+
+    return {"course": run(False), "native": run(True)}
+
+
+# ------------------------------------------------------------------ TP/SP vs parallelize_module
+def tp_plan(cfg, sp):
+    """torchtitan's Llama plan, in our module names: the native twin of apply_tensor_parallel."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel)
+    between = Shard(1) if sp else Replicate()  # the residual stream: split along T under --sp
+    plan = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=between),
+            "lm_head": ColwiseParallel(input_layouts=between, output_layouts=Shard(-1), use_local_output=False)}
+    if sp:
+        plan["model.norm"] = SequenceParallel(use_local_output=True)
+    for i in range(cfg["num_hidden_layers"]):
+        pre = f"model.layers.{i}."
+        for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            plan[pre + p] = ColwiseParallel()
+        for p in ("self_attn.o_proj", "mlp.down_proj"):
+            plan[pre + p] = RowwiseParallel(output_layouts=between)
+        if sp:  # norms on T/tp tokens; the block's entry all-gathers along T (Shard(1) -> Replicate)
+            for n in ("input_layernorm", "post_attention_layernorm"):
+                plan[pre + n] = SequenceParallel(use_local_output=True)
+            for e in ("attn_entry", "mlp_entry"):
+                plan[pre + e] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    return plan
+
+
+def clip_mixed(params, max_norm):
+    """clip_grad_norm_'s arithmetic over DTensor and plain grads: each grad's norm made whole first."""
+    from torch.distributed.tensor import DTensor
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = [torch.linalg.vector_norm(g) for g in grads]  # a sharded grad's norm: a partial DTensor
+    total = torch.linalg.vector_norm(torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]))
+    coef = min(1.0, max_norm / (total.item() + 1e-6))
+    for g in grads:
+        g.mul_(coef)
+
+
+def twin_tp(sp):
+    """step03 apply_tensor_parallel (--tp 2 [--sp]) vs parallelize_module + loss_parallel on a mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
+    s = load_step("step03_tensor_parallel", "model", "tensor_parallel", "utils")
+    tp, group, ga = dist.get_world_size(), dist.group.WORLD, 2
+    data = batches(MBS * ga)  # every tp rank reads the whole batch
+    mesh = init_device_mesh("cpu", (tp,), mesh_dim_names=("tp",))
+
+    def run(native):
+        if native:
+            model = build(s)  # whole, then distribute_tensor'd by the plan
+            parallelize_module(model, mesh, tp_plan(CFG, sp))
+            ctx = loss_parallel  # cross-entropy on logits sharded over the vocab, never gathered
+        else:
+            model = build(s, lambda m: s.tensor_parallel.apply_tensor_parallel(m, group, sp=sp))
+            ctx = nullcontext
+        opt, losses = adamw(model.parameters()), []
+        for step in range(STEPS):
+            loss_sum = torch.zeros(())
+            for r in data[step].split(MBS):
+                x, y = r[:, :-1], r[:, 1:]
+                with ctx():
+                    if native:
+                        loss = ce(model(x), y)
+                    else:
+                        loss = s.tensor_parallel.vocab_parallel_cross_entropy(model(x), y, group).mean()
+                    (loss / ga).backward()
+                loss_sum += (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach()
+            if native and sp:  # all DTensors; the norms' Replicate grads were summed over tp by autograd
+                torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            elif native:  # no --sp: the norms stay plain tensors, which clip_grad_norm_ cannot mix with DTensors
+                clip_mixed(model.parameters(), CLIP)
+            else:
+                if sp:
+                    s.tensor_parallel.allreduce_sequence_parallel_grads(model.parameters(), group)
+                s.utils.clip_grad_norm_(model.parameters(), CLIP, group)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss_sum.item() / ga)  # the same on every tp rank
+        if native:
+            full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters()}
+        else:
+            full = whole_course(model, group)
+        return {"loss": losses, "params": gathered(full if dist.get_rank() == 0 else {})}
+
+    return {"course": run(False), "native": run(True)}
+
+
+# ------------------------------------------------------------------ PP vs torch.distributed.pipelining
+def twin_pp(schedule):
+    """step04 (afab) / step05 (1f1b) train_step vs PipelineStage + ScheduleGPipe / Schedule1F1B."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    step = "step04_pipeline_afab" if schedule == "afab" else "step05_pipeline_1f1b"
+    s = load_step(step, "model", "pipeline_parallel", "process_group_manager")
+    pp, stage, ga = dist.get_world_size(), dist.get_rank(), 4  # 1F1B wants micro-batches >= stages
+    first, last = stage == 0, stage == pp - 1
+    data = batches(MBS * ga)
+
+    def run(native):
+        if native:  # torchtitan's manual split: the whole model, then drop what this stage does not own
+            model = build(s)
+            mine = {str(i) for i in s.pipeline_parallel.stage_layers(CFG["num_hidden_layers"], pp, stage)}
+            for name in [n for n in model.model.layers if n not in mine]:
+                del model.model.layers[name]
+            if not first:
+                model.model.embed_tokens = nn.Identity()
+            if not last:
+                model.model.norm, model.lm_head = nn.Identity(), nn.Identity()
+            pipe = PipelineStage(model, stage, pp, torch.device("cpu"))
+            cls = ScheduleGPipe if schedule == "afab" else Schedule1F1B
+            sched = cls(pipe, n_microbatches=ga, loss_fn=ce)  # scale_grads: grads / n_microbatches
+        else:
+            pgm = s.process_group_manager.ProcessGroupManager(dp=1, pp=pp, tp=1)
+            model = build(s, lambda m: s.pipeline_parallel.apply_pipeline_parallel(m, pgm))
+        opt, losses = adamw(model.parameters()), []
+        for k in range(STEPS):
+            x, y = data[k][:, :-1], data[k][:, 1:]  # (ga * MBS, T): split into ga micro-batches
+            if native:
+                out = []
+                if first:
+                    sched.step(x)
+                else:
+                    sched.step(target=y, losses=out)
+                loss_sum = torch.stack(out).sum() if last else torch.zeros(())
+            else:
+                mbs = list(zip(x.split(MBS), y.split(MBS)))
+                loss_sum, _ = s.pipeline_parallel.train_step(model, mbs, pgm, ce, ga, nullcontext(), schedule=schedule)
+            opt.step()  # no clipping here: the native pipeline has no cross-stage grad norm of its own
+            opt.zero_grad(set_to_none=True)
+            losses.append(mean_over(loss_sum, ga))  # the sum over stages: only the last has a loss
+        return {"loss": losses, "params": gathered(dict(model.named_parameters()))}
+
+    return {"course": run(False), "native": run(True)}
+
+
+# ------------------------------------------------------------------ CP: what the native API does on CPU
+def twin_cp():
+    """context_parallel has no CPU attention kernel to shard: record what it raises on gloo/CPU.
+    (The comparison with step06's ring attention runs on GPUs: step07/tools/gpu_check.sh.)"""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("cp",))
+    q, k, v = (t.clone() for t in torch.randn(3, 1, 2, T, 8, generator=torch.Generator().manual_seed(0)))
+    try:
+        with context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2]):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return {"raised": None}
+    except Exception as e:  # noqa: BLE001  what it raises is the record
+        return {"raised": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+
+
+TWINS = {"dp": twin_dp, "zero1": twin_zero1, "tp": lambda: twin_tp(False), "sp": lambda: twin_tp(True),
+         "pp_gpipe": lambda: twin_pp("afab"), "pp_1f1b": lambda: twin_pp("1f1b"), "cp": twin_cp}
+# TODO(interleaved): "pp_interleaved": step05's interleaved engine vs ScheduleInterleaved1F1B, once it exists.
+# TODO(zero3): "zero3": step07 --zero 3 vs FSDP2 fully_shard, once it exists.
+# TODO(4d): step07 dp2 x pp2 x tp2 vs a 3-D DeviceMesh of the native pieces (8 ranks: its own launch).
+
+
+def main():
+    out, names = sys.argv[1], (sys.argv[2].split(",") if len(sys.argv) > 2 else list(TWINS))
+    dist.init_process_group("gloo")
+    torch.manual_seed(SEED)
+    results = {}
+    for name in names:
+        results[name] = TWINS[name]()
+        dist.barrier()
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
