@@ -351,7 +351,7 @@ def main():
     torch.manual_seed(SEED)
     results = {}
     for name in names:
-        results[name] = TWINS[name]()
+        results[name] = {**TWINS[name](), "steps": STEPS, "lr": LR}
         dist.barrier()
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results))

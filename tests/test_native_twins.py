@@ -1,0 +1,109 @@
+"""The same in PyTorch: each dimension the course writes by hand against torch.distributed's own.
+
+One torchrun launch (2 gloo ranks) runs every twin in tests/workers/native_twins.py: the course's
+Llama trained 3 steps from the same seed on the same global batch with the same AdamW, once by
+the step's module and once by the native API. Each test below reads one twin's record: per-step
+losses within rel 1e-5 (float32), and the final parameters, whole, within 1e-5 of each tensor's
+scale (max |w|). Where a twin differs by design, its test says how and bounds it.
+"""
+import json
+
+import pytest
+
+from launch import REPO, torchrun
+
+WORKER = REPO / "tests" / "workers" / "native_twins.py"
+LOSS_RTOL, PARAM_RTOL = 1e-5, 1e-5
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory):
+    out = tmp_path_factory.mktemp("native_twins") / "twins.json"
+    torchrun(WORKER, 2, [out], timeout=300)
+    return json.loads(out.read_text())
+
+
+def check_losses(rec, what):
+    course, native = rec["course"]["loss"], rec["native"]["loss"]
+    assert len(course) == len(native) == rec["steps"], (what, course, native)
+    for step, (a, b) in enumerate(zip(course, native)):
+        rel = abs(a - b) / abs(a)
+        assert rel <= LOSS_RTOL, f"{what}: step {step} loss course {a:.7f} vs native {b:.7f} (rel {rel:.1e})"
+
+
+def param_offsets(rec):
+    """{name: [|course - native| / max|course| per element]} over the whole model."""
+    course, native = rec["course"]["params"], rec["native"]["params"]
+    assert course and set(course) == set(native), set(course) ^ set(native)
+    out = {}
+    for name, a in course.items():
+        b = native[name]
+        assert len(a) == len(b), (name, len(a), len(b))
+        scale = max(map(abs, a))
+        out[name] = [abs(x - y) / scale for x, y in zip(a, b)]
+    return out
+
+
+def check_params(rec, what):
+    for name, rel in param_offsets(rec).items():
+        assert max(rel) <= PARAM_RTOL, f"{what}: {name} differs by {max(rel):.1e} of its scale after training"
+
+
+def test_dp_equals_distributed_data_parallel(twins):
+    """step02's DataParallel (buckets launched from backward; require_backward_grad_sync = False on the
+    first of 2 micro-batches) vs DistributedDataParallel (bucket_cap_mb, no_sync()). Ours sums then
+    divides by dp, DDP divides then sums: by a power of two, so the numbers are the same."""
+    check_losses(twins["dp"], "DP vs DDP")
+    check_params(twins["dp"], "DP vs DDP")
+
+
+def test_zero1_equals_zero_redundancy_optimizer(twins):
+    """step07 --zero 1 (reduce-scatter of the buckets, AdamW on this rank's slice, all-gather) vs DDP +
+    ZeroRedundancyOptimizer (all-reduce, AdamW on the parameters this rank owns, broadcast). They
+    partition differently (slices of buckets vs whole parameters), so the state lives elsewhere;
+    the arithmetic of each element is the same."""
+    check_losses(twins["zero1"], "ZeRO-1 vs ZeroRedundancyOptimizer")
+    check_params(twins["zero1"], "ZeRO-1 vs ZeroRedundancyOptimizer")
+
+
+@pytest.mark.parametrize("layout", ["tp", "sp"])
+def test_tp_equals_parallelize_module(twins, layout):
+    """step03 apply_tensor_parallel (--tp 2, and --sp) + vocab_parallel_cross_entropy vs
+    parallelize_module(ColwiseParallel, RowwiseParallel, SequenceParallel, PrepareModuleInput) on a
+    1-D DeviceMesh + loss_parallel. By design the reduction order differs: our f all-reduces a block's
+    input grad once at its entry, ColwiseParallel once per linear (q, k, v). AdamW's first steps move
+    a weight by about lr whatever its gradient's size, so a gradient that is ~0 by cancellation turns
+    that float32 noise into a visible offset: at most 0.1% of the elements may leave rel 1e-5, and
+    none by more than 1% of the distance AdamW can move a weight (lr x steps)."""
+    rec, what = twins[layout], f"--{layout} vs parallelize_module"
+    check_losses(rec, what)
+    offsets = param_offsets(rec)
+    n = sum(map(len, offsets.values()))
+    outliers = [(name, r) for name, rel in offsets.items() for r in rel if r > PARAM_RTOL]
+    assert len(outliers) <= n // 1000, f"{what}: {len(outliers)} of {n} elements beyond rel {PARAM_RTOL}"
+    bound = 0.01 * rec["lr"] * rec["steps"]
+    for name, a in rec["course"]["params"].items():
+        diff = max(abs(x - y) for x, y in zip(a, rec["native"]["params"][name]))
+        assert diff <= bound, f"{what}: {name} differs by {diff:.1e} > {bound:.1e}"
+
+
+@pytest.mark.parametrize("schedule", ["pp_gpipe", "pp_1f1b"])
+def test_pp_equals_torch_pipelining(twins, schedule):
+    """step04 (AFAB) / step05 (1F1B) train_step vs PipelineStage + ScheduleGPipe / Schedule1F1B, 2 stages,
+    4 micro-batches. Ours divides each micro-batch's loss by their count, torch scales the grads after
+    (scale_grads): by a power of two, the same numbers. No gradient clipping on either side:
+    torch.distributed.pipelining has no norm over the stages (torchtitan writes its own)."""
+    check_losses(twins[schedule], f"{schedule} vs torch.distributed.pipelining")
+    check_params(twins[schedule], f"{schedule} vs torch.distributed.pipelining")
+# TODO(interleaved): step05's interleaved engine vs ScheduleInterleaved1F1B: a "pp_interleaved" twin in
+# the worker (PipelineStage per virtual stage) and a case above, once the engine lands.
+
+
+def test_cp_native_has_no_cpu_kernel(twins):
+    """torch.distributed.tensor.experimental.context_parallel shards the CUDA attention kernels (flash,
+    efficient, cuDNN) only: on CPU it raises, so step06's ring attention is compared with it on GPUs
+    (step07/tools/gpu_check.sh, part cp). Fails the day CPU works, so that the twin moves here."""
+    assert twins["cp"]["raised"] == ("NotImplementedError: Operator aten._scaled_dot_product_flash_attention_for_cpu"
+                                     ".default does not have a sharding strategy registered."), twins["cp"]
+# TODO(zero3): step07 --zero 3 vs FSDP2 fully_shard (CPU gloo), once --zero 3 lands.
+# TODO(4d): step07 dp2 x pp2 x tp2 vs a 3-D DeviceMesh of the native pieces (8 ranks: one more launch).
