@@ -198,19 +198,15 @@ def tp_plan(cfg, sp):
     between = Shard(1) if sp else Replicate()  # the residual stream: split along T under --sp
     plan = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=between),
             "lm_head": ColwiseParallel(input_layouts=between, output_layouts=Shard(-1), use_local_output=False)}
-    if sp:
-        plan["model.norm"] = SequenceParallel(use_local_output=True)
+    norm = SequenceParallel(use_local_output=True)  # --sp: a norm on this rank's T/tp tokens
+    entry = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))  # all-gather along T
     for i in range(cfg["num_hidden_layers"]):
-        pre = f"model.layers.{i}."
-        for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
-            plan[pre + p] = ColwiseParallel()
-        for p in ("self_attn.o_proj", "mlp.down_proj"):
-            plan[pre + p] = RowwiseParallel(output_layouts=between)
-        if sp:  # norms on T/tp tokens; the block's entry all-gathers along T (Shard(1) -> Replicate)
-            for n in ("input_layernorm", "post_attention_layernorm"):
-                plan[pre + n] = SequenceParallel(use_local_output=True)
-            for e in ("attn_entry", "mlp_entry"):
-                plan[pre + e] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        layer = {n: ColwiseParallel() for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")}
+        layer |= {n: RowwiseParallel(output_layouts=between) for n in ("self_attn.o_proj", "mlp.down_proj")}
+        if sp:
+            layer |= {"input_layernorm": norm, "post_attention_layernorm": norm, "attn_entry": entry, "mlp_entry": entry}
+        plan |= {f"model.layers.{i}.{n}": style for n, style in layer.items()}
+    plan |= {"model.norm": norm} if sp else {}
     return plan
 
 
