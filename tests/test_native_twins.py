@@ -1,6 +1,7 @@
 """The same in PyTorch: each dimension the course writes by hand against torch.distributed's own.
 
-One torchrun launch (2 gloo ranks) runs every twin in tests/workers/native_twins.py: the course's
+One torchrun launch (2 gloo ranks) runs every twin in tests/workers/native_twins.py but the 4D one
+(8 ranks, a second launch): the course's
 Llama trained 3 steps from the same seed on the same global batch with the same AdamW, once by
 the step's module and once by the native API. Each test below reads one twin's record: per-step
 losses within rel 1e-5 (float32), and the final parameters, whole, within 1e-5 of each tensor's
@@ -21,6 +22,13 @@ def twins(tmp_path_factory):
     out = tmp_path_factory.mktemp("native_twins") / "twins.json"
     torchrun(WORKER, 2, [out], timeout=300)
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def twin_4d(tmp_path_factory):
+    out = tmp_path_factory.mktemp("native_twins") / "twin_4d.json"
+    torchrun(WORKER, 8, [out, "4d"], timeout=300)
+    return json.loads(out.read_text())["4d"]
 
 
 def check_losses(rec, what):
@@ -75,8 +83,12 @@ def test_tp_equals_parallelize_module(twins, layout):
     a weight by about lr whatever its gradient's size, so a gradient that is ~0 by cancellation turns
     that float32 noise into a visible offset: at most 0.1% of the elements may leave rel 1e-5, and
     none by more than 1% of the distance AdamW can move a weight (lr x steps)."""
-    rec, what = twins[layout], f"--{layout} vs parallelize_module"
-    check_losses(rec, what)
+    check_losses(twins[layout], f"--{layout} vs parallelize_module")
+    check_params_but_cancellations(twins[layout], f"--{layout} vs parallelize_module")
+
+
+def check_params_but_cancellations(rec, what):
+    """check_params, but at most 0.1% of the elements may leave rel 1e-5, by at most 1% of lr x steps."""
     offsets = param_offsets(rec)
     n = sum(map(len, offsets.values()))
     outliers = [(name, r) for name, rel in offsets.items() for r in rel if r > PARAM_RTOL]
@@ -106,4 +118,13 @@ def test_cp_native_has_no_cpu_kernel(twins):
     assert twins["cp"]["raised"] == ("NotImplementedError: Operator aten._scaled_dot_product_flash_attention_for_cpu"
                                      ".default does not have a sharding strategy registered."), twins["cp"]
 # TODO(zero3): step07 --zero 3 vs FSDP2 fully_shard (CPU gloo), once --zero 3 lands.
-# TODO(4d): step07 dp2 x pp2 x tp2 vs a 3-D DeviceMesh of the native pieces (8 ranks: one more launch).
+
+
+def test_4d_equals_native_pieces_on_a_3d_mesh(twin_4d):
+    """step07 --dp 2 --pp 2 --tp 2 (1F1B, 2 micro-batches) vs init_device_mesh("cpu", (2, 2, 2)) composed
+    as torchtitan does: the stage cut by hand, parallelize_module on mesh["tp"], fully_shard on
+    mesh["dp"] (FSDP2: reduce-scatter, not our all-reduce, but the same average of each element),
+    PipelineStage + Schedule1F1B on mesh["pp"], loss_parallel. The TP reduction order differs as in
+    test_tp_equals_parallelize_module, and so does its bound; no clipping, as for PP."""
+    check_losses(twin_4d, "4D vs native pieces")
+    check_params_but_cancellations(twin_4d, "4D vs native pieces")

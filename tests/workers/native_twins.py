@@ -1,10 +1,10 @@
-"""Worker for tests/test_native_twins.py, run under torchrun (gloo, CPU, 2 ranks).
+"""Worker for tests/test_native_twins.py, run under torchrun (gloo, CPU; 2 ranks, the 4d twin 8).
 
 "The same in PyTorch": each twin trains the course's Llama (the step's own model.py) a few steps
 twice from the same seed on the same global batch, once with the module the course wrote and once
 with torch.distributed's own implementation of that dimension, and records per-step losses and the
 final parameters (whole tensors) of both. Rank 0 writes them to argv[1] as JSON; the pytest side
-compares them. argv[2]: comma-separated twin names (default: all).
+compares them. argv[2]: comma-separated twin names (default: all but 4d).
 
 The steps have no package structure and share module names (model, utils, ...): load_step imports
 one step's modules in a scope of their own and takes them out of sys.modules again.
@@ -318,6 +318,89 @@ def twin_pp(schedule):
     return {"course": run(False), "native": run(True)}
 
 
+# ------------------------------------------------------------------ 4D: step07 vs the native pieces on a 3-D mesh
+def twin_4d():
+    """step07 dp2 x pp2 x tp2 (8 ranks, 1F1B) vs a 3-D DeviceMesh composed as torchtitan does: the cut
+    by hand, parallelize_module on mesh["tp"], FSDP2's fully_shard on mesh["dp"] (torchtitan's data
+    parallelism next to TP: every element's gradient averaged over dp, as our all-reduce does), a
+    PipelineStage on mesh["pp"] with Schedule1F1B, and loss_parallel around the schedule."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
+    s = load_step("step07_4d_combined", "model", "tensor_parallel", "pipeline_parallel", "data_parallel",
+                  "process_group_manager")
+    dp, pp, tp, ga = 2, 2, 2, 2
+    pgm = s.process_group_manager.ProcessGroupManager(dp=dp, pp=pp, cp=1, tp=tp)
+    first, last = pgm.pp_is_first_stage, pgm.pp_is_last_stage
+    data = batches(MBS * ga * dp)
+    keep = pgm.dp_rank == 0 and pgm.tp_rank == 0  # one copy of each stage's whole weights
+
+    def run(native):
+        if native:
+            mesh = init_device_mesh("cpu", (dp, pp, tp), mesh_dim_names=("dp", "pp", "tp"))
+            assert mesh["pp"].get_local_rank() == pgm.pp_rank and mesh["tp"].get_local_rank() == pgm.tp_rank
+            model = build(s)
+            mine = {str(i) for i in s.pipeline_parallel.stage_layers(CFG["num_hidden_layers"], pp, pgm.pp_rank)}
+            for name in [n for n in model.model.layers if n not in mine]:
+                del model.model.layers[name]
+            if not first:
+                model.model.embed_tokens = nn.Identity()
+            if not last:
+                model.model.norm, model.lm_head = nn.Identity(), nn.Identity()
+            plan = {k: v for k, v in tp_plan(CFG, False).items()
+                    if isinstance(_submodule(model, k), (nn.Linear, nn.Embedding))}  # this stage's modules
+            parallelize_module(model, mesh["tp"], plan)
+            fully_shard(model, mesh=mesh["dp"])
+            pipe = PipelineStage(model, pgm.pp_rank, pp, torch.device("cpu"), group=mesh["pp"].get_group())
+            sched = Schedule1F1B(pipe, n_microbatches=ga, loss_fn=ce)
+        else:
+            def parallelize(m):
+                s.tensor_parallel.apply_tensor_parallel(m, pgm.tp_group)
+                s.pipeline_parallel.apply_pipeline_parallel(m, pgm)
+            model = build(s, parallelize)
+            wrapped = s.data_parallel.DataParallel(model, pgm.cp_dp_group, 0.01)
+
+            def loss_fn(logits, y):
+                return s.tensor_parallel.vocab_parallel_cross_entropy(logits, y, pgm.tp_group).mean()
+        opt, losses = adamw(model.parameters()), []
+        for k in range(STEPS):
+            rows = data[k].chunk(dp)[pgm.dp_rank]  # this dp rank's (ga * MBS, T + 1)
+            x, y = rows[:, :-1], rows[:, 1:]
+            if native:
+                out = []
+                with loss_parallel():
+                    if first:
+                        sched.step(x)
+                    else:
+                        sched.step(target=y, losses=out)
+                loss_sum = (torch.stack([o.full_tensor() if isinstance(o, DTensor) else o for o in out]).sum()
+                            if last else torch.zeros(()))
+            else:
+                mbs = list(zip(x.split(MBS), y.split(MBS)))
+                loss_sum, _ = s.pipeline_parallel.train_step(wrapped, mbs, pgm, loss_fn, ga, nullcontext(),
+                                                             schedule="1f1b")
+                wrapped.finish_gradient_synchronization()
+            opt.step()  # no clipping, as for PP alone
+            opt.zero_grad(set_to_none=True)
+            losses.append(mean_over(loss_sum, ga * dp * tp))  # the last stage's dp x tp ranks hold a loss each
+        if native:
+            full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters()}
+        else:
+            full = whole_course(model, pgm.tp_group)
+        return {"loss": losses, "params": gathered(full if keep else {})}
+
+    return {"course": run(False), "native": run(True)}
+
+
+def _submodule(model, name):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 # ------------------------------------------------------------------ CP: what the native API does on CPU
 def twin_cp():
     """context_parallel has no CPU attention kernel to shard: record what it raises on gloo/CPU.
@@ -335,14 +418,14 @@ def twin_cp():
 
 
 TWINS = {"dp": twin_dp, "zero1": twin_zero1, "tp": lambda: twin_tp(False), "sp": lambda: twin_tp(True),
-         "pp_gpipe": lambda: twin_pp("afab"), "pp_1f1b": lambda: twin_pp("1f1b"), "cp": twin_cp}
+         "pp_gpipe": lambda: twin_pp("afab"), "pp_1f1b": lambda: twin_pp("1f1b"), "cp": twin_cp,
+         "4d": twin_4d}  # 8 ranks: its own launch
 # TODO(interleaved): "pp_interleaved": step05's interleaved engine vs ScheduleInterleaved1F1B, once it exists.
 # TODO(zero3): "zero3": step07 --zero 3 vs FSDP2 fully_shard, once it exists.
-# TODO(4d): step07 dp2 x pp2 x tp2 vs a 3-D DeviceMesh of the native pieces (8 ranks: its own launch).
 
 
 def main():
-    out, names = sys.argv[1], (sys.argv[2].split(",") if len(sys.argv) > 2 else list(TWINS))
+    out, names = sys.argv[1], (sys.argv[2].split(",") if len(sys.argv) > 2 else [n for n in TWINS if n != "4d"])
     dist.init_process_group("gloo")
     torch.manual_seed(SEED)
     results = {}
