@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, in one run: versions, every step's smoke test, the fused ring-attention kernels,
-# step06's ring attention vs torch's context_parallel (CUDA only: tests/test_native_twins.py),
-# course vs transformers (eager and compiled), and train.py --compile with a profile.
+# The GPU check, in one run: versions, every step's smoke test, the fused ring-attention kernels and
+# torch's context_parallel against them (cp), course vs transformers (eager and compiled), and train.py --compile.
 #
 #   bash step07_4d_combined/tools/gpu_check.sh OUT [PART ...]     # on the GPU machine, from the repo root
 #   CHECK_DEVICE=cpu bash step07_4d_combined/tools/gpu_check.sh OUT  # the same parts, tiny, on a CPU
@@ -81,8 +80,7 @@ else:
 " ;;
     smoke) run_part smoke 300 python3 step07_4d_combined/tools/gpu_smoke.py "${dev[@]}" --max-steps 3 --timeout 120 ;;
     ring) run_part ring 120 python3 step07_4d_combined/tools/ring_check.py "${dev[@]}" ;;
-    cp) run_part cp 180 python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
-        tests/workers/native_cp_gpu.py ;;  # step06's ring attention vs torch's context_parallel (CUDA only)
+    cp) run_part cp 180 python3 -m torch.distributed.run --standalone --nproc_per_node 2 tests/workers/native_cp_gpu.py ;;
     bench) run_part bench 240 sh -c '"$@" > "$0"' "$out/bench_eager.json" "${bench[@]}" ;;
     compiled) run_part compiled 420 sh -c '"$@" > "$0"' "$out/bench_compiled.json" "${bench[@]}" --compile ;;
     train) rm -rf "$out/profile"
