@@ -117,7 +117,9 @@ def test_cp_native_has_no_cpu_kernel(twins):
     (step07/tools/gpu_check.sh, part cp). Fails the day CPU works, so that the twin moves here."""
     assert twins["cp"]["raised"] == ("NotImplementedError: Operator aten._scaled_dot_product_flash_attention_for_cpu"
                                      ".default does not have a sharding strategy registered."), twins["cp"]
-# TODO(zero3): step07 --zero 3 vs FSDP2 fully_shard (CPU gloo), once --zero 3 lands.
+# TODO(zero3): step07 --zero 3 vs FSDP2's fully_shard, once --zero 3 lands: a "zero3" twin in the worker
+# (fully_shard(model, mesh=init_device_mesh("cpu", (2,))) runs on gloo/CPU in torch 2.13; twin_4d uses it)
+# and a test here like test_zero1_equals_zero_redundancy_optimizer.
 
 
 def test_4d_equals_native_pieces_on_a_3d_mesh(twin_4d):

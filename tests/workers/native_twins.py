@@ -201,10 +201,11 @@ def tp_plan(cfg, sp):
     norm = SequenceParallel(use_local_output=True)  # --sp: a norm on this rank's T/tp tokens
     entry = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))  # all-gather along T
     for i in range(cfg["num_hidden_layers"]):
-        layer = {n: ColwiseParallel() for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")}
+        layer = {n: ColwiseParallel() for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                "mlp.gate_proj", "mlp.up_proj")}
         layer |= {n: RowwiseParallel(output_layouts=between) for n in ("self_attn.o_proj", "mlp.down_proj")}
-        if sp:
-            layer |= {"input_layernorm": norm, "post_attention_layernorm": norm, "attn_entry": entry, "mlp_entry": entry}
+        layer |= {"input_layernorm": norm, "post_attention_layernorm": norm,
+                  "attn_entry": entry, "mlp_entry": entry} if sp else {}
         plan |= {f"model.layers.{i}.{n}": style for n, style in layer.items()}
     plan |= {"model.norm": norm} if sp else {}
     return plan
@@ -421,7 +422,7 @@ TWINS = {"dp": twin_dp, "zero1": twin_zero1, "tp": lambda: twin_tp(False), "sp":
          "pp_gpipe": lambda: twin_pp("afab"), "pp_1f1b": lambda: twin_pp("1f1b"), "cp": twin_cp,
          "4d": twin_4d}  # 8 ranks: its own launch
 # TODO(interleaved): "pp_interleaved": step05's interleaved engine vs ScheduleInterleaved1F1B, once it exists.
-# TODO(zero3): "zero3": step07 --zero 3 vs FSDP2 fully_shard, once it exists.
+# TODO(zero3): "zero3": step07 --zero 3 vs FSDP2 fully_shard on a 1-D cpu mesh (works on gloo), once it exists.
 
 
 def main():
