@@ -153,38 +153,64 @@ def twin_dp():
     return {"course": run(False), "native": run(True)}
 
 
-# ------------------------------------------------------------------ ZeRO-1 vs ZeroRedundancyOptimizer
-def twin_zero1():
-    """step07 --zero 1 (ZeroDataParallel + ShardedAdamW) vs DDP + ZeroRedundancyOptimizer."""
+# ------------------------------------------------------------------ ZeRO vs ZeroRedundancyOptimizer / FSDP2
+def twin_zero(stage):
+    """step07 --zero 1 (ZeroDataParallel + ShardedAdamW) vs DDP + ZeroRedundancyOptimizer; --zero 2 / 3
+    vs FSDP2's fully_shard on each decoder layer and the root, reshard_after_forward False / True
+    (FSDP's SHARD_GRAD_OP / FULL_SHARD). 2 micro-batches per rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel as DDP
     s = load_step("step07_4d_combined", "model", "zero", "process_group_manager", "utils")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    data = batches(MBS * world)
+    rank, world, ga = dist.get_rank(), dist.get_world_size(), 2
+    data = batches(MBS * ga * world)
 
     def run(native):
         model = build(s)
-        if native:
+        if native and stage == 1:
             wrapped = DDP(model, bucket_cap_mb=0.01)
             opt = adamw(model.parameters(), ZeroRedundancyOptimizer, optimizer_class=torch.optim.AdamW)
+        elif native:
+            mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+            for layer in model.model.layers.values():  # the unit of sharding, as --zero 3's
+                fully_shard(layer, mesh=mesh, reshard_after_forward=stage == 3)
+            wrapped = fully_shard(model, mesh=mesh, reshard_after_forward=stage == 3)  # embedding, norm, head
+            opt = adamw(model.parameters())
         else:
             pgm = s.process_group_manager.ProcessGroupManager(dp=world, pp=1, cp=1, tp=1)
-            wrapped = s.zero.ZeroDataParallel(model, pgm, 0.01)
+            extra = {"stage": stage} if stage > 1 else {}  # --zero 2, 3: the stage argument
+            wrapped = s.zero.ZeroDataParallel(model, pgm, 0.01, **extra)
             opt = s.zero.ShardedAdamW(wrapped, adamw(model.parameters()))
         losses = []
         for step in range(STEPS):
-            rows = data[step].chunk(world)[rank]  # (MBS, T + 1)
-            loss = ce(wrapped(rows[:, :-1]), rows[:, 1:])
-            loss.backward()
-            if native:  # DDP all-reduced whole grads; each rank steps the parameters it owns
+            loss_sum = torch.zeros(())
+            for m, r in enumerate(data[step].chunk(world)[rank].split(MBS)):  # (MBS, T + 1) each
+                last = m == ga - 1
+                if native and stage == 1:
+                    ctx = nullcontext() if last else wrapped.no_sync()
+                else:  # FSDP2 reduce-scatters every micro-batch's gradients, as --zero 2 and 3 do
+                    wrapped.require_backward_grad_sync, ctx = last, nullcontext()
+                with ctx:
+                    loss = ce(wrapped(r[:, :-1]), r[:, 1:])
+                    (loss / ga).backward()
+                loss_sum += loss.detach()
+            if native:  # DDP: whole gradients; FSDP2: DTensor shards, whose norm is the whole model's
                 torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
             else:  # reduce-scattered slices: their squares summed over the world
                 wrapped.finish_gradient_synchronization()
                 s.utils.clip_grad_norm_(wrapped.shards, CLIP, dist.group.WORLD)
-            opt.step()  # both: step this rank's share, then broadcast / all-gather the parameters
+            opt.step()  # each rank steps its share, then the parameters are all-gathered / broadcast
             opt.zero_grad(set_to_none=True)
-            losses.append(mean_over(loss, world))
-        return {"loss": losses, "params": gathered(dict(model.named_parameters()) if rank == 0 else {})}
+            losses.append(mean_over(loss_sum, ga * world))
+        if native:
+            full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters()}
+        else:
+            if stage == 3:
+                wrapped.gather_layers()  # the layers' weights whole again
+            full = dict(model.named_parameters())
+        return {"loss": losses, "params": gathered(full if rank == 0 else {})}
 
     return {"course": run(False), "native": run(True)}
 
@@ -474,16 +500,18 @@ def twin_cp():
         return {"raised": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
 
 
-TWINS = {"dp": twin_dp, "zero1": twin_zero1, "tp": lambda: twin_tp(False), "sp": lambda: twin_tp(True),
+TWINS = {"dp": twin_dp, "zero1": lambda: twin_zero(1), "tp": lambda: twin_tp(False), "sp": lambda: twin_tp(True),
          "pp_gpipe": lambda: twin_pp("afab"), "pp_1f1b": lambda: twin_pp("1f1b"), "cp": twin_cp,
          "4d": twin_4d,  # 8 ranks: its own launch
-         "pp_interleaved": twin_pp_interleaved}  # MARKED PLACE: needs step05's interleaved engine (not yet merged)
-NOT_BY_DEFAULT = {"4d", "pp_interleaved"}  # pp_interleaved: join the default run once the engine is merged
-# TODO(zero3): "zero3": step07 --zero 3 vs FSDP2 fully_shard on a 1-D cpu mesh (works on gloo), once it exists.
+         "pp_interleaved": twin_pp_interleaved,  # MARKED PLACE: needs step05's interleaved engine (not yet merged)
+         "zero2": lambda: twin_zero(2), "zero3": lambda: twin_zero(3)}  # MARKED PLACE: need step07 --zero 2, 3
+# the MARKED PLACEs: they join the default run once the branches with those engines are merged
+NOT_BY_DEFAULT = {"4d", "pp_interleaved", "zero2", "zero3"}
 
 
 def main():
-    out, names = sys.argv[1], (sys.argv[2].split(",") if len(sys.argv) > 2 else [n for n in TWINS if n not in NOT_BY_DEFAULT])
+    out = sys.argv[1]
+    names = sys.argv[2].split(",") if len(sys.argv) > 2 else [n for n in TWINS if n not in NOT_BY_DEFAULT]
     dist.init_process_group("gloo")
     torch.manual_seed(SEED)
     results = {}
