@@ -13,7 +13,9 @@ with the all-gather rotation (NCCL refuses two ranks on one device). No GPU: che
 native API still raises, and says so. Exit 1 on failure.
 """
 import importlib.util
+import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -42,7 +44,8 @@ def main():
 
     cuda = torch.cuda.is_available()
     two = cuda and torch.cuda.device_count() >= 2
-    dist.init_process_group("nccl" if two else "gloo")
+    timeout = timedelta(seconds=int(os.environ.get("COURSE_PG_TIMEOUT_S", 120)))  # a hung collective fails
+    dist.init_process_group("nccl" if two else "gloo", timeout=timeout)
     rank, cp = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{rank if two else 0}" if cuda else "cpu")
     if cuda:

@@ -11,8 +11,10 @@ one step's modules in a scope of their own and takes them out of sys.modules aga
 """
 import importlib
 import json
+import os
 import sys
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -512,7 +514,7 @@ NOT_BY_DEFAULT = {"4d", "pp_interleaved", "zero2", "zero3"}
 def main():
     out = sys.argv[1]
     names = sys.argv[2].split(",") if len(sys.argv) > 2 else [n for n in TWINS if n not in NOT_BY_DEFAULT]
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=int(os.environ.get("COURSE_PG_TIMEOUT_S", 60))))
     torch.manual_seed(SEED)
     results = {}
     for name in names:
