@@ -11,6 +11,7 @@ check_flags), for files the trainer reads back (check_json: each entry has the t
 and for the run itself: a step whose loss or gradient norm is not finite stops it before anything
 is saved (stop_if_not_finite). A check that only some ranks can make, all ranks agree on (agree).
 """
+import argparse
 import json
 import math
 from pathlib import Path
@@ -99,8 +100,6 @@ class Range:
         self.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" for what does not parse
 
     def __call__(self, value):
-        import argparse
-
         try:
             v = self.kind(value)
             ok = (not isinstance(value, bool) and not (self.kind is int and isinstance(value, float))
@@ -115,7 +114,8 @@ class Range:
     def __str__(self):
         what = "an integer" if self.kind is int else "a number"
         if self.hi is not None:
-            return f"{what} from {self.lo} to {self.hi}"
+            hi = f"{self.hi:g}" if self.kind is float else f"{self.hi:,}"
+            return f"{what} {'above' if self.above else 'from'} {self.lo} {'and at most' if self.above else 'to'} {hi}"
         return f"{what} {'>' if self.above else '>='} {self.lo}"
 
 
@@ -131,7 +131,7 @@ def check_flags(parser, args):
         if isinstance(action.type, Range) and value is not None:
             try:
                 setattr(args, action.dest, action.type(value))
-            except ValueError as e:  # argparse.ArgumentTypeError
+            except argparse.ArgumentTypeError as e:
                 parser.error(f"argument {'/'.join(action.option_strings)}: {e}")
     return args
 

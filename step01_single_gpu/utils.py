@@ -58,7 +58,7 @@ def base_parser(description):
     a("--micro-batch-size", type=positive, default=8)
     a("--grad-acc-steps", type=positive, default=1)
     a("--max-steps", type=positive, default=300)
-    a("--lr", type=positive_float, default=3e-3)
+    a("--lr", type=Range(float, 0, 1e3, above=True), default=3e-3)  # AdamW's lr must be a float32
     a("--warmup-steps", type=nonneg, default=20)
     a("--weight-decay", type=nonneg_float, default=0.1)
     a("--grad-clip", type=positive_float, default=1.0)

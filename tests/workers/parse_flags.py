@@ -2,12 +2,13 @@
 
     python tests/workers/parse_flags.py CASES.json OUT.json
 
-CASES.json: [[step, [flag, value, ...]], ...]. Each case runs train.main() with those flags as one
-process (world 1), and stops where the model's weights would be allocated (train.materialize),
-so what it checks is everything a run checks before it trains: the flags' ranges, the layout
-against the world size, the model's config. OUT.json: for each case {"exit": the SystemExit
-message, or null if it got that far; "traceback": the formatted exception if anything else was
-raised}. One start of Python and torch instead of one per case: the cases cost milliseconds.
+CASES.json: [[step, [flag, value, ...], whole], ...]. Each case runs train.main() with those flags
+as one process (world 1). Unless `whole` is true it stops where the model's weights would be
+allocated (train.materialize), so what it checks is everything a run checks before it trains:
+the flags' ranges, the layout against the world size, the model's config; with `whole` it runs
+to the end (a resume, a few steps). OUT.json: for each case {"exit": the SystemExit message, or
+null if it got that far or finished; "traceback": the formatted exception if anything else was
+raised}. One start of Python and torch instead of one per case: a flag case costs milliseconds.
 """
 import importlib.util
 import json
@@ -33,7 +34,7 @@ def run_case(train, argv):
         return {"exit": None if e.code in (0, None) else str(e.code)}
     except BaseException:
         return {"exit": None, "traceback": traceback.format_exc()[-3000:]}
-    return {"exit": None, "traceback": "main() returned: it trained"}
+    return {"exit": None}
 
 
 def load_step(step):
@@ -50,7 +51,14 @@ def load_step(step):
     def stop(*_, **__):
         raise Reached
 
-    train.materialize = stop
+    train.whole, train.stop = train.materialize, stop
+    make = train.base_parser
+
+    def recorded(*a, **kw):  # the parser main() builds: which numeric flags have no range
+        parser = train.parser = make(*a, **kw)
+        return parser
+
+    train.base_parser = recorded
     if hasattr(train, "init_distributed"):  # one gloo group of 1 for every case
         import torch.distributed as dist
 
@@ -64,11 +72,15 @@ def main():
     os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_PORT", "29400")
     results, loaded = [], {}
-    for step, argv in cases:
+    for step, argv, whole in cases:
         if step not in loaded:
             loaded.clear()
             loaded[step] = load_step(step)
-        results.append(run_case(loaded[step], argv))
+        train = loaded[step]
+        train.materialize = train.whole if whole else train.stop
+        results.append(run_case(train, argv))
+        results[-1]["unchecked"] = sorted(a.option_strings[0] for a in train.parser._actions
+                                          if a.type in (int, float) and not a.choices)  # a number without a Range
     out.write_text(json.dumps(results))
     import torch.distributed as dist
 
