@@ -117,7 +117,8 @@ def test_every_flag_damaged_checkpoints_and_nan_in_one_process(saved, tmp_path):
     ]:
         cases.append(resume(damaged(saved, name, edit, file_edit)))
         expect.append((f"checkpoint {name}", text, True))
-    cases.append(resume(saved / "no_moment", "--reset-optimizer", "--log-file", str(tmp_path / "reset.jsonl")))
+    cases.append(resume(saved / "no_moment", "--reset-optimizer", "--max-steps", "6", "--log-file",
+                        str(tmp_path / "reset.jsonl")))
     expect.append(("--reset-optimizer resumes", "", False))
     nan = tmp_path / "nan"  # the guard: step07 saves every step until the loss is NaN
     for step, more in (("step01_single_gpu", []), ("step07_4d_combined", ["--save-dir", nan, "--save-every", "1"])):
@@ -138,7 +139,7 @@ def test_every_flag_damaged_checkpoints_and_nan_in_one_process(saved, tmp_path):
             assert text in r["exit"], f"{what}: {r['exit']}"
         else:
             assert r["exit"] is None, f"{what} is meaningful but was refused: {r['exit']}"
-    assert [json.loads(line)["step"] for line in (tmp_path / "reset.jsonl").read_text().splitlines()] == [2, 3]
+    assert [json.loads(line)["step"] for line in (tmp_path / "reset.jsonl").read_text().splitlines()] == [4, 5]
     bad = int(results[-1]["exit"].split()[2].rstrip(":"))  # step07's first non-finite step: nothing saved of it
     assert "stopped, nothing saved" in results[-1]["exit"] and bad < 20, results[-1]["exit"]
     assert sorted(p.name for p in nan.glob("step_*")) == [f"step_{s:06d}" for s in range(1, bad + 1)]
