@@ -33,7 +33,7 @@ def main():
     torch.manual_seed(args.seed)
 
     # --- model ---
-    config = make_config(args)
+    config = make_config(args, device)
     with torch.device("meta"):  # shapes only: no memory, no time spent on a throw-away init
         model = Llama(config)
     materialize(model, device)

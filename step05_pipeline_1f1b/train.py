@@ -53,7 +53,7 @@ def main():
     torch.manual_seed(args.seed)
 
     # --- model ---
-    config = make_config(args)
+    config = make_config(args, device)
     try:
         check_tp_divisibility(config, args.tp)
         if args.sp:

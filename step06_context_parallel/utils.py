@@ -70,10 +70,11 @@ def base_parser(description):
     return p
 
 
-def make_config(args):
+def make_config(args, device=None):
     """A transformers.LlamaConfig from --model (a preset, or a directory with a Hugging Face config.json)
     plus the shape overrides, checked: anything the course's model would not compute exactly as
-    LlamaForCausalLM does stops here, in one line naming the key (config_checks.py).
+    LlamaForCausalLM does stops here, in one line naming the key (config_checks.py). With the run's
+    `device`, so does a model whose float32 weights alone exceed the job's memory.
 
     --hidden-size/--num-heads: head_dim follows them (hidden / heads), unless the model's head_dim was
     not hidden / heads (set on purpose in its config.json): that one is kept. --head-dim sets it."""
@@ -89,7 +90,8 @@ def make_config(args):
         if args.head_dim is None and head_dim_follows:
             cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
         check_config(cfg, args.seq_len)
-        check_size(cfg, args.device)
+        if device:  # a run on it: the weights must fit
+            check_size(cfg, device)
     except ValueError as e:
         die(str(e))
     return cfg

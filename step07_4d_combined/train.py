@@ -73,7 +73,7 @@ def main():
     # --- model ---
     if args.init_from_hf:  # its config.json sets the model; its weights are loaded below
         args.model = resolve_hf_source(args.init_from_hf)
-    config = make_config(args)
+    config = make_config(args, device)
     try:
         check_tp_divisibility(config, args.tp)
         if args.sp:
