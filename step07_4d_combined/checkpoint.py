@@ -23,12 +23,13 @@ Save: every rank writes its file into step_N.tmp/ (temporary name, fsync, rename
 back); one all_gather_object over the world carries each rank's (ok, cause, size, pieces, crc32).
 If a write failed, every rank stops with the same line naming that rank, and `latest` stays. Else
 rank 0 writes meta.json, renames the folder step_N, writes `latest`, and broadcasts that it worked;
-then it prunes (--keep-last). A crash at any moment leaves `latest` on the previous complete checkpoint.
+then it prunes (--keep-last). A crash at any moment leaves `latest` on the previous complete
+checkpoint.
 Resume, any layout: every rank runs the same checks (meta.json's schema, model, data, global batch,
 file sizes) and the crc32 of each file it reads, and all agree before training (an all-gather of
-every rank's outcome), so all stop with the same line. Each tensor it holds is filled from the saved pieces that
-overlap it (reshard.read_region reads only the overlaps, into the rank's own tensors: it holds
-its slices plus one overlap, never the model). Under the same layout a rank reads back exactly
+every rank's outcome), so all stop with the same line. Each tensor it holds is filled from the
+saved pieces that overlap it (reshard.read_region reads only the overlaps, into the rank's own
+tensors: it holds its slices plus one overlap, never the model). Under the same layout a rank reads back exactly
 what was written (replicas are bit-identical): the continuation is bit for bit.
 
 Why not torch.distributed.checkpoint (DCP, torchtitan's choice)? It reshards the same way (a
