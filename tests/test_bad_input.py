@@ -7,7 +7,9 @@ pipeline saves the checkpoint they damage (over a stale folder of the same name:
 replace it whole), and a 2-rank resume of a checkpoint that lacks a tensor only the second stage
 reads must stop both ranks with that rank's line, before any training collective.
 """
+import errno
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -156,3 +158,23 @@ def test_a_tensor_only_one_rank_reads_stops_every_rank(saved):
     assert proc.returncode != 0 and len(lines) == 2 and len(set(lines)) == 1, out[-3000:]
     assert "has no model/model.norm.weight" in lines[0] and "(rank 1; every rank stopped)" in lines[0], lines
     assert 'File "' + str(STEP07) not in out and "step    " not in out, out[-3000:]
+
+
+def test_a_read_only_data_cache_names_the_flag(tmp_path, monkeypatch):
+    """A cache it cannot write to serves token files already built, but cannot build one: the line
+    names --data-cache (root writes anywhere, so the refusal is simulated where the lock is created)."""
+    from test_step01_model import load_step_module
+
+    T = load_step_module("step01_single_gpu", "data").token_file
+    real = os.open
+
+    def read_only(path, flags, *args):
+        if flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, flags, *args)
+
+    with monkeypatch.context() as m, pytest.raises(OSError) as e:
+        m.setattr(T.os, "open", read_only)
+        T.build_once(tmp_path / "corpus-tok.bin", lambda: None)
+    assert str(e.value) == (f"--data-cache {tmp_path} is not writable (Permission denied) and holds no token file "
+                            f"of this corpus yet; pass a folder you can write to")
