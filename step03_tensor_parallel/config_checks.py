@@ -69,7 +69,6 @@ def check_config(cfg, seq_len):
                          f"use --seq-len {original} or less")
 
 
-
 def check_size(cfg, device=None):
     """ValueError if the model's float32 weights alone exceed the memory of every device of the job
     together (a typo such as --num-layers 100000 would otherwise fail deep inside an allocation)."""
