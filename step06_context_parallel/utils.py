@@ -57,8 +57,8 @@ def base_parser(description):
     a("--seq-len", type=positive, default=64)
     a("--micro-batch-size", type=positive, default=8)
     a("--grad-acc-steps", type=positive, default=1)
-    a("--max-steps", type=positive, default=300)
-    a("--lr", type=Range(float, 0, 1e3, above=True), default=3e-3)  # AdamW's lr must be a float32
+    a("--max-steps", type=nonneg, default=300)  # 0: no step (step07: convert or export)
+    a("--lr", type=Range(float, 0, 1e3), default=3e-3)  # 0: a step that changes nothing (tests)
     a("--warmup-steps", type=nonneg, default=20)
     a("--weight-decay", type=nonneg_float, default=0.1)
     a("--grad-clip", type=positive_float, default=1.0)

@@ -28,8 +28,8 @@ BASE = ["--num-layers", "--hidden-size", "--num-heads", "--num-kv-heads", "--hea
         "--grad-acc-steps", "--max-steps", "--warmup-steps", "--seed", "--lr", "--weight-decay", "--grad-clip"]
 LAYOUT = {"--dp": 2, "--bucket-size-mb": 2, "--tp": 3, "--pp": 4, "--cp": 6}  # flag: the step that adds it
 STEP07_ONLY = ["--save-every", "--keep-last", "--peak-tflops"]
-ZERO_MEANS_SOMETHING = {"--tie-word-embeddings", "--warmup-steps", "--seed", "--weight-decay", "--save-every",
-                        "--keep-last"}
+ZERO_MEANS_SOMETHING = {"--tie-word-embeddings", "--max-steps", "--lr", "--warmup-steps", "--seed",
+                        "--weight-decay", "--save-every", "--keep-last"}
 HUGE_IS_REFUSED = {"--num-layers", "--hidden-size", "--num-heads", "--num-kv-heads", "--head-dim",
                    "--intermediate-size", "--vocab-size", "--tie-word-embeddings", "--seq-len", "--seed", "--lr",
                    "--dp", "--tp", "--pp", "--cp"}  # the others take any size (a long run, a big bucket)
@@ -104,9 +104,9 @@ def test_every_flag_damaged_checkpoints_and_nan_in_one_process(saved, tmp_path):
                 cases.append([step, argv, False])
                 expect.append((f"{step[:6]} {flag} {value}", flag if value in ("0", "-1", "nan") else "", refused))
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"training": {"max_steps": 0}}))  # a default, not through the flag's type
+    config.write_text(json.dumps({"training": {"grad_acc_steps": 0}}))  # a default, not through the flag's type
     cases.append(["step07_4d_combined", [*TINY, "--config", str(config)], False])
-    expect.append(("--config with max_steps 0", "--max-steps: 0 is not an integer >= 1", True))
+    expect.append(("--config with grad_acc_steps 0", "--grad-acc-steps: 0 is not an integer >= 1", True))
 
     resume = lambda ckpt, *more: ["step07_4d_combined", [*RUN, "--resume", str(ckpt), *more], True]  # noqa: E731
     for name, edit, file_edit, text in [
