@@ -330,15 +330,15 @@ def add_memory_args(parser):
 def main(argv=None):
     """Print the predicted budget of every pipeline stage for train.py's flags (or --config)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from utils import base_parser, make_config
+    from utils import base_parser, make_config, positive, positive_float
 
     parser = base_parser("memory per rank, predicted")
     for flag in ("dp", "pp", "cp", "tp"):
-        parser.add_argument(f"--{flag}", type=int, default=1)
+        parser.add_argument(f"--{flag}", type=positive, default=1)
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--pp-engine", choices=["afab", "1f1b"], default="1f1b")
     add_memory_args(parser)
-    parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory per device, for the verdict")
+    parser.add_argument("--gpu-gib", type=positive_float, default=80.0, help="memory per device, for the verdict")
     parser.add_argument("--config", default=None, help="a train.py config file (its other keys are ignored)")
     pre, _ = parser.parse_known_args(argv)
     if pre.config:  # its values become the defaults, as in train.py

@@ -31,21 +31,21 @@ from speed import Profiler, add_speed_args, compile_layers
 from tensor_parallel import (allreduce_sequence_parallel_grads, apply_tensor_parallel, check_sp,
                              check_tp_divisibility, vocab_parallel_cross_entropy)
 from utils import (Metrics, base_parser, clip_grad_norm_, die, dump_params, lr_at, make_config,
-                   memory_gib, resolve_device_dtype)
+                   memory_gib, positive, positive_float, resolve_device_dtype, stop_if_not_finite)
 from zero import ShardedAdamW, ZeroDataParallel
 
 
 def main():
     # --- command line ---
     parser = base_parser("Step 07: 4D-parallel training (dp x pp x cp x tp)")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--tp", type=positive, default=1, help="tensor-parallel size")
     parser.add_argument("--sp", action="store_true", help="sequence parallelism: split the activations "
                                                           "between blocks along the sequence over tp")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (stages)")
+    parser.add_argument("--pp", type=positive, default=1, help="pipeline-parallel size (stages)")
     parser.add_argument("--pp-engine", choices=["afab", "1f1b"], default="1f1b", help="pipeline schedule")
-    parser.add_argument("--cp", type=int, default=1, help="context-parallel size (sequence split)")
-    parser.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world size)")
-    parser.add_argument("--bucket-size-mb", type=float, default=25.0, help="gradient all-reduce bucket size")
+    parser.add_argument("--cp", type=positive, default=1, help="context-parallel size (sequence split)")
+    parser.add_argument("--dp", type=positive, default=None, help="data-parallel size (default: world size)")
+    parser.add_argument("--bucket-size-mb", type=positive_float, default=25.0, help="gradient all-reduce bucket size")
     add_checkpoint_args(parser)
     add_hf_args(parser)
     add_mfu_args(parser)
@@ -73,7 +73,7 @@ def main():
     # --- model ---
     if args.init_from_hf:  # its config.json sets the model; its weights are loaded below
         args.model = resolve_hf_source(args.init_from_hf)
-    config = make_config(args)
+    config = make_config(args, device)
     try:
         check_tp_divisibility(config, args.tp)
         if args.sp:
@@ -233,6 +233,7 @@ def main():
         metrics.log(step=step, loss=loss_avg, lr=lr, grad_norm=grad_norm.item(), tokens=tokens_seen,
                     tokens_per_s=G * args.seq_len / dt, step_time_s=dt, mem_gib=memory_gib(device),
                     **mfu(G * args.seq_len / dt), **memory.log(step))
+        stop_if_not_finite(step, loss_avg, grad_norm, checkpointer.last)  # NaN or inf: stop before anything is saved
         checkpointer.maybe_save(step, model, optimizer, tokens_seen)
         profiler.step()
 
