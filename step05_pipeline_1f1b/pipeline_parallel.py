@@ -289,10 +289,9 @@ def train_step(model, micro_batches, pgm, loss_fn, grad_acc, autocast, schedule=
     model: this stage's Llama, maybe in DataParallel. micro_batches: this dp rank's grad_acc
     (x, y) pairs of (mbs, T) token ids, on every stage (the first feeds x, the last scores y).
     autocast: a context manager instance as in step01 (torch.autocast(...) or nullcontext()),
-    entered once per forward (forwards never nest). schedule: a key of SCHEDULES or
-    "interleaved" (with chunks model chunks per rank). seq_shards:
-    the activations between stages are split along T into this many pieces (--sp: tp), so a
-    message is (mbs, T/seq_shards, D). position_ids: those of the tokens, (mbs, T) (default: 0..T-1).
+    entered once per forward (forwards never nest). schedule: a key of SCHEDULES, or
+    "interleaved" with `chunks` model chunks per rank. seq_shards: the activations between
+    stages are split along T into this many pieces (--sp: tp), so a message is (mbs, T/seq_shards, D). position_ids: those of the tokens, (mbs, T) (default: 0..T-1).
     Grads accumulate in p.grad. loss_sum: sum of the micro-batch losses on the last stage, 0
     elsewhere; peak_inflight: most (micro-batch, chunk) activations alive at once here.
 
@@ -310,7 +309,10 @@ def train_step(model, micro_batches, pgm, loss_fn, grad_acc, autocast, schedule=
     last = [False] * (chunks - 1) + [pgm.pp_is_last_stage]
     views = model_chunks(model, pgm, chunks)
     hidden = getattr(model, "module", model).config.hidden_size
-    last_backward = {c: t for t, (e, _, _) in enumerate(plan) if e and e[0] == "B" for c in [e[2]]}
+    last_backward = {}  # chunk -> tick of its last backward, when DataParallel all-reduces its grads
+    for t, (event, _, _) in enumerate(plan):
+        if event is not None and event[0] == "B":
+            last_backward[event[2]] = t
 
     if position_ids is None:  # a later stage gets hidden states, maybe split along T: not their length
         x0 = micro_batches[0][0]
@@ -332,21 +334,20 @@ def train_step(model, micro_batches, pgm, loss_fn, grad_acc, autocast, schedule=
                     out = loss / grad_acc  # the only division: earlier stages receive scaled grads
                 stash[m, c] = (inp, out)
                 peak = max(peak, len(stash))
-                out_next = out.detach().contiguous()
+                out_next = out.detach().contiguous() if sends else None
             else:
                 inp, out = stash.pop((m, c))  # its activations die with this backward
                 if hasattr(model, "require_backward_grad_sync"):  # DataParallel: all-reduce on a chunk's last one
                     model.require_backward_grad_sync = t == last_backward[c]
                 torch.autograd.backward(out, None if last[c] else inbox.pop(event))
-                out_prev = None if first[c] else inp.grad.contiguous()
+                out_prev = inp.grad.contiguous() if sends else None
         bufs = {}
         for frm, key in recvs:
             xk = micro_batches[key[1]][0]
             bufs[frm] = inbox[key] = torch.empty(xk.shape[0], xk.shape[1] // seq_shards, hidden, dtype=torch.float32,
                                                  device=xk.device)  # (mbs, T/seq_shards, D)
         if sends or recvs:
-            pipeline_p2p(pgm, send_next=out_next if sends else None, send_prev=out_prev if sends else None,
-                         recv_prev=bufs.get("prev"), recv_next=bufs.get("next"))
+            pipeline_p2p(pgm, out_next, out_prev, recv_prev=bufs.get("prev"), recv_next=bufs.get("next"))
     return loss_sum, peak
 
 
