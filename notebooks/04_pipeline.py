@@ -35,7 +35,9 @@ RERECORD = False  # True: rerun step05 three times under torchrun (~2 min on 2 c
 import matplotlib.pyplot as plt
 import numpy as np
 
-from nbtools import COLORS, TINY, bar, load, machine, of, record, save, step_module
+from types import SimpleNamespace
+
+from nbtools import TINY, bar, load, machine, of, preset, record, save, step_module
 
 P, M, ENGINES = 4, 8, ("afab", "1f1b", "interleaved")
 CHUNKS = {"afab": 1, "1f1b": 1, "interleaved": 2}  # model chunks per rank, V
@@ -253,7 +255,8 @@ for engine in ENGINES:
 
 # %%
 memory = step_module("step07_4d_combined", "memory")
-cfg7 = preset("llama2-7b")
+c7 = preset("llama2-7b")  # data/models/llama2-7b/config.json
+cfg7 = SimpleNamespace(**c7, head_dim=c7["hidden_size"] // c7["num_attention_heads"], attention_bias=False, mlp_bias=False)
 rows = []
 for p_ in (4, 8):
     for m_ in (8, 16, 32):
@@ -280,7 +283,7 @@ for ax in axes:
     ax.set_xlabel("micro-batches m")
     ax.set_xticks([8, 16, 32])
 axes[0].legend(fontsize=7, ncol=2)
-axes[0].set_title("bubble, simulated from the event lists (F = 1, B = 2)", fontsize=9)
+axes[0].set_title("bubble, simulated from the event lists (F = 1, B = 2; AFAB lies under 1F1B)", fontsize=9)
 axes[1].set_title("Llama-2-7B, 1 x 4096 tokens, bf16: memory.py's prediction (any machine)", fontsize=9)
 plt.tight_layout()
 save(fig, "04_pipeline_real_size")

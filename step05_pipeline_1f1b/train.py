@@ -1,6 +1,7 @@
 """Step 05: the 1F1B pipeline schedule. Same stages and bubble as step04's all-forward-
 all-backward, but each stage alternates one forward and one backward, so at most pp
-micro-batches of activations are alive at once: world = dp x pp x tp.
+micro-batches of activations are alive at once: world = dp x pp x tp. Interleaved 1F1B gives
+each rank --pp-chunks model chunks (virtual stages), which divides the bubble by their number.
 
 Same seed, same global batch and same per-step loss as step01. README.md has the commands.
 """

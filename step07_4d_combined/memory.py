@@ -125,10 +125,13 @@ def in_flight(schedule, pp, stage, micro_batches, chunks=1):
 def held_at_peak(schedule, pp, stage, micro_batches, chunks, chunk_bytes):
     """Interleaved: the stage's event list replayed, chunk c's forward adding chunk_bytes[c] and its
     backward freeing them; -> the most bytes held at once (chunks may differ: the last scores)."""
-    from pipeline_parallel import stage_events
+    from importlib.util import module_from_spec, spec_from_file_location
 
+    spec = spec_from_file_location("pipeline_parallel_beside_memory", Path(__file__).with_name("pipeline_parallel.py"))
+    pipeline = module_from_spec(spec)
+    spec.loader.exec_module(pipeline)  # the trainer's own event lists, also when memory.py is loaded alone
     held = peak = 0
-    for kind, _, c in stage_events(schedule, pp, stage, micro_batches, chunks):
+    for kind, _, c in pipeline.stage_events(schedule, pp, stage, micro_batches, chunks):
         held += chunk_bytes[c] if kind == "F" else -chunk_bytes[c]
         peak = max(peak, held)
     return peak
