@@ -19,7 +19,7 @@ from context_parallel import check_cp, ring_attention, zigzag_positions, zigzag_
 from data_parallel import DataParallel
 from data import DEFAULT_DATASET, DEFAULT_TOKENIZER, global_batch, load_sequences, load_tokenizer
 from model import Llama, init_weights, load_hf_weights, materialize
-from pipeline_parallel import apply_pipeline_parallel, check_pp, sync_tied_embeddings, train_step
+from pipeline_parallel import apply_pipeline_parallel, check_chunks, check_pp, sync_tied_embeddings, train_step
 from process_group_manager import ProcessGroupManager, init_distributed, shutdown_distributed
 from tensor_parallel import (allreduce_sequence_parallel_grads, apply_tensor_parallel, check_sp,
                              check_tp_divisibility, vocab_parallel_cross_entropy)
@@ -34,7 +34,8 @@ def main():
     parser.add_argument("--sp", action="store_true", help="sequence parallelism: split the activations "
                                                           "between blocks along the sequence over tp")
     parser.add_argument("--pp", type=positive, default=1, help="pipeline-parallel size (stages)")
-    parser.add_argument("--pp-engine", choices=["afab", "1f1b"], default="1f1b", help="pipeline schedule")
+    parser.add_argument("--pp-engine", choices=["afab", "1f1b", "interleaved"], default="1f1b", help="pipeline schedule")
+    parser.add_argument("--pp-chunks", type=positive, default=1, help="interleaved: model chunks (virtual stages) per rank")
     parser.add_argument("--cp", type=positive, default=1, help="context-parallel size (sequence split)")
     parser.add_argument("--dp", type=positive, default=None, help="data-parallel size (default: world size)")
     parser.add_argument("--bucket-size-mb", type=positive_float, default=25.0, help="gradient all-reduce bucket size")
@@ -63,6 +64,7 @@ def main():
         if args.sp:
             check_sp(args.seq_len // args.cp, args.tp)  # each cp rank holds T/cp tokens
         check_pp(config.num_hidden_layers, args.pp)
+        check_chunks(args.pp_engine, args.pp_chunks, args.pp, args.grad_acc_steps, config.num_hidden_layers)
         check_cp(args.seq_len, args.cp)
     except ValueError as e:
         die(str(e))
@@ -74,7 +76,7 @@ def main():
         apply_tensor_parallel(model, pgm.tp_group, sp=args.sp)
     # --- pipeline parallel ---
     # Keep this stage's layers; the first stage embeds, the last one has the norm, head and loss.
-    apply_pipeline_parallel(model, pgm)
+    apply_pipeline_parallel(model, pgm, args.pp_chunks)
     # --- context parallel ---
     # Attention is the only op that mixes tokens: swap it for ring attention over the cp group.
     if pgm.cp_size > 1:
@@ -164,7 +166,7 @@ def main():
             loss_sum, peak = train_step(model, list(local_micro_batches(step)), pgm, loss_fn,
                                         args.grad_acc_steps, autocast, schedule=args.pp_engine,
                                         seq_shards=pgm.tp_size if args.sp else 1,  # --sp: (mbs, T/tp, D) sent
-                                        position_ids=position_ids)
+                                        position_ids=position_ids, chunks=args.pp_chunks)
             peak_inflight = max(peak_inflight, peak)  # micro-batches whose activations were alive at once
         else:
             loss_sum = forward_backward(local_micro_batches(step))
