@@ -137,11 +137,14 @@ class Checkpointer:
         pgm, replica = self.pgm, bool(self.pgm.dp_rank or self.pgm.cp_rank)  # dp = cp = 0 writes the copies
         zero = hasattr(model, "shards")  # --zero 1: every dp x cp rank holds its own slice of AdamW's state
         for name, p in getattr(model, "module", model).named_parameters():
-            if self._logical(name) == name and not replica and (hasattr(p, "shard") or pgm.tp_rank == 0):
+            if (self._logical(name) == name and not replica and (hasattr(p, "shard") or pgm.tp_rank == 0)
+                    and not getattr(p, "zero3", False)):  # --zero 3: a layer's weights are written as slices
                 yield f"model/{name}", p, full_shape(p), region_of(p)  # tp copies of unsharded tensors are equal
         for name, p, t, region in self.stepped(model, optimizer):
             if self._logical(name) != name or (replica and not zero) or (not hasattr(p, "shard") and pgm.tp_rank):
                 continue  # the tied copy (written as model.embed_tokens.weight), or a copy of what is written
+            if getattr(p, "zero3", False):  # the slice AdamW steps is the only copy of these weights here
+                yield f"model/{name}", t, full_shape(p), region
             for k, v in optimizer.state.get(t, {}).items():  # exp_avg, exp_avg_sq: like t; step: ()
                 v = torch.as_tensor(v)
                 if v.dim() == 0:  # equal in every copy: one holder writes it
@@ -311,9 +314,12 @@ class Checkpointer:
             if saved_shape is not None and saved_shape != full_shape(p):
                 die(f"checkpoint {folder.name}: {logical} is {saved_shape}, this model's is {full_shape(p)}; "
                     f"resume with the same --model and shape flags")
-            nbytes += fill(p.data, f"model/{logical}", region_of(p))
+            if not getattr(p, "zero3", False):  # --zero 3: a layer's weights are read into its slices, below
+                nbytes += fill(p.data, f"model/{logical}", region_of(p))
         for name, p, t, region in self.stepped(model, optimizer):  # with --zero 1: this rank's slices
             logical, saved = self._logical(name), {}
+            if getattr(p, "zero3", False):
+                nbytes += fill(t, f"model/{logical}", region)
             for key in (k for k in index if k.startswith(f"adam/{logical}/")):  # exp_avg, exp_avg_sq, step
                 shape = index[key]["shape"]
                 saved[key.rsplit("/", 1)[1]] = dst = torch.empty(t.shape if shape else (),
