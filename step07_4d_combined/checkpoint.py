@@ -16,7 +16,8 @@ unsharded tensors and a tied lm_head on the last stage (= model.embed_tokens). R
 dp = cp = 0 write their slices (tp rank 0 the unsharded tensors and every `step`), the others
 their RNG state only. With --zero 1 (zero.py) every dp x cp rank also writes AdamW's state of
 its own slices: flat ranges of the parameters, region {"box", "flat": [a, b]}, which any layout,
-ZeRO or not, reads back. Bytes: 12 x parameters in all (float32 weights + two moments), at most
+ZeRO or not, reads back; with --zero 3 the layers' weights too (`model/...` as flat ranges).
+Bytes: 12 x parameters in all (float32 weights + two moments), at most
 12 x parameters / (tp x pp) on one rank.
 
 Save: every rank writes its file (temporary name, fsync, rename); one all_gather_object over the

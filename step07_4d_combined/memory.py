@@ -11,6 +11,11 @@ Every dimension of the course exists because something runs out of memory. Per r
                with --zero 1 padded to a multiple of dp x cp, plus this rank's 1/(dp x cp) shard.
   optimizer    AdamW's exp_avg and exp_avg_sq, 8 bytes x local parameters (and a 4-byte step per
                tensor); with --zero 1, 1/(dp x cp) of them.
+  --zero 2     gradients: this rank's summed slices, 4/(dp x cp) bytes per padded bucket element;
+               buckets: the one on the wire (a peak), its flat buffer and its received slice.
+  --zero 3     also weights: the layers' slices, 4/(dp x cp), plus the embedding, norm and head
+               whole; gathered (a peak): the two largest layers whole at once (a pipeline: all of
+               the stage's layers, kept from the step's first forward to its last backward).
   activations  what autograd saves for backward: per micro-batch, times the micro-batches in
                flight on the stage (pp = 1: 1; AFAB: m; 1F1B: min(m, pp - stage)).
   peak         their sum, plus the transients of one micro-batch: the logits and the softmax of
