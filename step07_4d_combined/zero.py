@@ -16,7 +16,7 @@ parameters, padded to a multiple of W) and steps the parameters in that slice.
   stage 3  + weights, per decoder layer (the unit of sharding; FSDP's "wrap each block"): rank r
            keeps slice r of each layer's flat weights, 4/W bytes per parameter. Unsharded, as in
            stage 2: the embedding, the final norm and lm_head (2 V D + D parameters untied,
-           V D + D tied, per tp rank: 132 K of tiny's 231 K, 0.4 of 6.7 B in llama2-7b).
+           V D + D tied, per tp rank: 131 K of tiny's 205 K, 0.26 B of llama2-7b's 6.7 B).
 Units and collectives, all over the dp x cp group, W = dp x cp, P the parameters of the stage:
   reduce-scatter (sum) of each bucket, from backward (stage 1: the last micro-batch only;
       stages 2, 3: every micro-batch): (W-1)/W x 4 P sent per rank, per time.
@@ -28,7 +28,7 @@ Units and collectives, all over the dp x cp group, W = dp x cp, P the parameters
       are whole at once.
 Bytes sent per rank and step, m micro-batches, b = (W-1)/W x 4 P: stage 0 and 1, 2 b (a ring
 all-reduce is a reduce-scatter then an all-gather); stage 2, (m + 1) b; stage 3, (3 m) b for the
-layers: with m = 1, 1.5 x plain data parallelism (the paper's figure, Sec. 7.2).
+layers: with m = 1, 1.5 x plain data parallelism (the paper's figure, Sec. 7).
 With a pipeline (pp > 1) a stage runs its layers for many micro-batches at once, interleaved:
 gathering per forward and per backward would cost 2 m all-gathers per step. Stage 3 gathers a
 layer at its first forward of the step and keeps it until the step's last backward: one
