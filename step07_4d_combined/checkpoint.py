@@ -16,7 +16,8 @@ unsharded tensors and a tied lm_head on the last stage (= model.embed_tokens). R
 dp = cp = 0 write their slices (tp rank 0 the unsharded tensors and every `step`), the others
 their RNG state only. With --zero 1 (zero.py) every dp x cp rank also writes AdamW's state of
 its own slices: flat ranges of the parameters, region {"box", "flat": [a, b]}, which any layout,
-ZeRO or not, reads back. Bytes: 12 x parameters in all (float32 weights + two moments), at most
+ZeRO or not, reads back; with --zero 3 the layers' weights too (`model/...` as flat ranges).
+Bytes: 12 x parameters in all (float32 weights + two moments), at most
 12 x parameters / (tp x pp) on one rank.
 
 Save: every rank writes its file into step_N.tmp/ (temporary name, fsync, rename; its crc32 read
@@ -145,11 +146,14 @@ class Checkpointer:
         pgm, replica = self.pgm, bool(self.pgm.dp_rank or self.pgm.cp_rank)  # dp = cp = 0 writes the copies
         zero = hasattr(model, "shards")  # --zero 1: every dp x cp rank holds its own slice of AdamW's state
         for name, p in getattr(model, "module", model).named_parameters():
-            if self._logical(name) == name and not replica and (hasattr(p, "shard") or pgm.tp_rank == 0):
+            if (self._logical(name) == name and not replica and (hasattr(p, "shard") or pgm.tp_rank == 0)
+                    and not getattr(p, "zero3", False)):  # --zero 3: a layer's weights are written as slices
                 yield f"model/{name}", p, full_shape(p), region_of(p)  # tp copies of unsharded tensors are equal
         for name, p, t, region in self.stepped(model, optimizer):
             if self._logical(name) != name or (replica and not zero) or (not hasattr(p, "shard") and pgm.tp_rank):
                 continue  # the tied copy (written as model.embed_tokens.weight), or a copy of what is written
+            if getattr(p, "zero3", False):  # the slice AdamW steps is the only copy of these weights here
+                yield f"model/{name}", t, full_shape(p), region
             for k, v in optimizer.state.get(t, {}).items():  # exp_avg, exp_avg_sq: like t; step: ()
                 v = torch.as_tensor(v)
                 if v.dim() == 0:  # equal in every copy: one holder writes it
@@ -341,9 +345,12 @@ class Checkpointer:
             if saved_shape is not None and saved_shape != full_shape(p):
                 die(f"checkpoint {folder.name}: {logical} is {saved_shape}, this model's is {full_shape(p)}; "
                     f"resume with the same --model and shape flags")
-            nbytes += fill(p.data, f"model/{logical}", region_of(p))
+            if not getattr(p, "zero3", False):  # --zero 3: a layer's weights are read into its slices, below
+                nbytes += fill(p.data, f"model/{logical}", region_of(p))
         for name, p, t, region in self.stepped(model, optimizer):  # with --zero 1: this rank's slices
             logical, saved = self._logical(name), {}
+            if getattr(p, "zero3", False):
+                nbytes += fill(t, f"model/{logical}", region)
             if self.args.reset_optimizer:  # on purpose: fresh moments
                 continue
             missing = [k for k in ADAM_STATE if f"adam/{logical}/{k}" not in index]

@@ -11,6 +11,11 @@ Every dimension of the course exists because something runs out of memory. Per r
                with --zero 1 padded to a multiple of dp x cp, plus this rank's 1/(dp x cp) shard.
   optimizer    AdamW's exp_avg and exp_avg_sq, 8 bytes x local parameters (and a 4-byte step per
                tensor); with --zero 1, 1/(dp x cp) of them.
+  --zero 2     gradients: this rank's summed slices, 4/(dp x cp) bytes per padded bucket element;
+               buckets: the one on the wire (a peak), its flat buffer and its received slice.
+  --zero 3     also weights: the layers' slices, 4/(dp x cp), plus the embedding, norm and head
+               whole; gathered (a peak): the two largest layers whole at once (a pipeline: all of
+               the stage's layers, kept from the step's first forward to its last backward).
   activations  what autograd saves for backward: per micro-batch, times the micro-batches in
                flight on the stage (pp = 1: 1; AFAB: m; 1F1B: min(m, pp - stage); interleaved:
                min(V m, (V - 1) pp + 2 (pp - stage - 1) + 1) chunks, each of 1/V of the layers).
@@ -87,30 +92,43 @@ def param_counts(cfg, tp=1, pp=1, stage=0, chunks=1):
     return sum(n for _, n in params), len(params)
 
 
-def zero_slices(cfg, tp, pp, stage, W, rank, bucket_size_mb, chunks=1):
-    """--zero 1: (elements, pieces, padded bucket elements) of group rank `rank`'s slices, from
-    ZeroDataParallel's buckets: DataParallel's (reverse order, ~bucket_size_mb each), a tied
-    embedding on a pipeline alone in its own, each padded to a multiple of W."""
+def zero_slices(cfg, tp, pp, stage, W, rank, bucket_size_mb, zero=1, chunks=1):
+    """--zero 1, 2, 3: (elements, pieces, [(padded bucket elements, is a layer)]) of group rank
+    `rank`'s slices, from ZeroDataParallel's buckets: DataParallel's (reverse order, ~bucket_size_mb
+    each), a tied embedding on a pipeline alone in its own, with --zero 3 each decoder layer alone
+    in its own (in registration order), each padded to a multiple of W."""
     params = [n for _, n in stage_params(cfg, tp, pp, stage, chunks)]
+    first, last, L = stage == 0, stage == pp - 1, stage_layer_count(cfg.num_hidden_layers, pp, stage, chunks)
+    head, tail = int(first), (1 + int(not (cfg.tie_word_embeddings and first))) if last else 0
+    per = (len(params) - head - tail) // L  # parameters of one decoder layer
     tied = cfg.tie_word_embeddings and pp > 1 and stage in (0, pp - 1)
     alone = ([params.pop(0)] if stage == 0 else [params.pop()]) if tied else None
-    groups, cur, cap = [], [], bucket_size_mb * 2**20
-    for n in reversed(params):
-        cur.append(n)
-        if 4 * sum(cur) >= cap:
-            groups, cur = groups + [cur], []
-    groups += [cur] if cur else []
+    head -= bool(tied and first)
+    runs = [params] if zero < 3 else (  # runs of parameters, each packed apart; a layer is one bucket
+        [params[:head]] + [params[head + i * per:head + (i + 1) * per] for i in range(L)] + [params[head + L * per:]])
+    groups, cap = [], bucket_size_mb * 2**20
+    for j, run in reversed(list(enumerate(runs))):
+        if zero == 3 and 0 < j <= L:
+            groups.append((run, True))
+            continue
+        cur = []
+        for n in reversed(run):
+            cur.append(n)
+            if 4 * sum(cur) >= cap:
+                groups, cur = groups + [(cur, False)], []
+        groups += [(cur, False)] if cur else []
     if alone:
-        groups = groups + [alone] if stage == 0 else [alone] + groups
-    elements = pieces = padded = 0
-    for sizes in groups:
+        groups = groups + [(alone, False)] if stage == 0 else [(alone, False)] + groups
+    elements = pieces = 0
+    buckets = []
+    for sizes, layer in groups:
         size = W * math.ceil(sum(sizes) / W)
         lo_r, hi_r, lo = rank * size // W, (rank + 1) * size // W, 0
         for n in sizes:
             overlap = min(lo + n, hi_r) - max(lo, lo_r)
             elements, pieces, lo = elements + max(0, overlap), pieces + (overlap > 0), lo + n
-        padded += size
-    return elements, pieces, padded
+        buckets.append((size, layer))
+    return elements, pieces, buckets
 
 
 def in_flight(schedule, pp, stage, micro_batches, chunks=1):
@@ -200,10 +218,20 @@ def predict(cfg, *, B, T, grad_acc, dp=1, pp=1, cp=1, tp=1, stage=None, sp=False
     W = dp * cp  # the ranks that hold the same weights: gradients are averaged over them
     out = {"weights": 4 * n, "gradients": 4 * n}
     if zero and W > 1:
-        mine, pieces, padded = zero_slices(cfg, tp, pp, stage, W, W - 1 if zero_rank is None else zero_rank,
-                                           bucket_size_mb, chunks)
+        mine, pieces, buckets = zero_slices(cfg, tp, pp, stage, W, W - 1 if zero_rank is None else zero_rank,
+                                            bucket_size_mb, zero, chunks)
+        padded = sum(size for size, _ in buckets)
         out["buckets"] = 4 * padded + 4 * padded // W  # the buckets, and the slice they reduce into
         out["optimizer"] = 8 * mine + 4 * pieces
+        if zero >= 2:  # the summed slices AdamW reads; one bucket and its received slice on the wire
+            out["gradients"] = 4 * padded // W
+            out["buckets"] = max(4 * (size + size // W) for size, _ in buckets)
+        if zero == 3:  # the layers' slices, and at the peak the layers whole at once (zero.py)
+            layers = [size for size, layer in buckets if layer]
+            in_layers = sum(k for name, k in stage_params(cfg, tp, pp, stage, chunks)
+                            if name not in ("embed_tokens", "norm", "lm_head"))
+            out["weights"] = 4 * (n - in_layers) + 4 * sum(layers) // W
+            out["gathered"] = 4 * (sum(layers) if pp > 1 else sum(sorted(layers)[-2:]))
     else:
         out["buckets"] = 4 * n if W > 1 else 0
         out["optimizer"] = 8 * n + 4 * tensors
@@ -228,7 +256,8 @@ def predict_run(cfg, args, pgm, dtype):
 
 
 def describe(pred):
-    keys = ("weights", "gradients", "buckets", "optimizer", "activations", "transient", "peak")
+    keys = ("weights", "gradients", "buckets", "optimizer", "activations", "transient", "gathered", "peak")
+    keys = [k for k in keys if k in pred]  # gathered: --zero 3 only
     unit, name = (GIB, "GiB") if pred["peak"] >= GIB else (2**20, "MiB")
     return " | ".join(f"{k} {pred[k] / unit:.2f}" for k in keys) + f" {name}"
 
@@ -238,7 +267,9 @@ class SavedBytes:
     """Counts what autograd holds for backward while active: each storage once, parameters not."""
 
     def __init__(self, params):
+        params = list(params)
         self.params = {p.untyped_storage().data_ptr() for p in params}
+        self.gathered = [p for p in params if getattr(p, "zero3", False)]  # --zero 3: storage comes and goes
         self.held, self.live, self.peak = {}, 0, 0
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
@@ -246,6 +277,8 @@ class SavedBytes:
         key = t.untyped_storage().data_ptr()
         if key in self.params or t.device.type == "meta":
             return t
+        if self.gathered and key in {p.untyped_storage().data_ptr() for p in self.gathered}:
+            return t  # a layer's weights, gathered by --zero 3 (zero.py)
         count, nbytes = self.held.get(key, (0, t.untyped_storage().nbytes()))
         if count == 0:
             self.live += nbytes
@@ -330,6 +363,8 @@ class MemoryReport:
             self.counter.__exit__(None, None, None)
             self.fields["grad_bytes_measured"] = sum(p.grad.numel() * p.grad.element_size()
                                                      for p in self.model.parameters() if p.grad is not None)
+            if hasattr(self.model, "held_bytes"):  # ZeRO (zero.py): the slices, not the model's tensors
+                self.fields["grad_bytes_measured"] = self.model.held_bytes()[1]
 
     def _state(self, *_):
         if "optimizer_bytes_measured" not in self.fields:
@@ -343,6 +378,13 @@ class MemoryReport:
             return {}
         self.done = True
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        zero = getattr(self.model, "stage", 0)
+        if zero:  # ZeRO (zero.py): --zero 3 keeps the layers' slices; 2, 3: the peaks of what is transient
+            weights = self.model.held_bytes()[0]
+        if zero >= 2:
+            self.fields["bucket_bytes_measured"] = self.model.peak_in_flight
+        if zero == 3:
+            self.fields["gathered_bytes_measured"] = self.model.peak_gathered
         return {"act_bytes_measured": self.counter.peak, "act_bytes_predicted": self.prediction["activations"],
                 "weight_bytes_measured": weights, **self.fields,
                 **{f"predicted_{k}": v for k, v in self.prediction.items()}}
@@ -351,7 +393,8 @@ class MemoryReport:
 def add_memory_args(parser):
     a = parser.add_argument
     a("--recompute", action="store_true", help="recompute each decoder layer's activations in backward")
-    a("--zero", type=int, choices=[0, 1], default=0, help="1: shard AdamW's state over the dp x cp replicas")
+    a("--zero", type=int, choices=[0, 1, 2, 3], default=0, help="shard over the dp x cp replicas AdamW's state (1), "
+                                                                "and the gradients (2), and the layers' weights (3)")
     a("--memory-report", action="store_true", help="step 0's log line: measured and predicted bytes per rank")
 
 

@@ -115,7 +115,7 @@ def main():
     # Gradients are all-reduced over dp in buckets as soon as backward produces them.
     args.zero = args.zero if args.dp * args.cp > 1 else 0  # one replica: nothing to shard
     if args.zero:  # --zero 1: reduce-scatter instead of all-reduce; each rank steps 1/(dp x cp) of it
-        model = ZeroDataParallel(model, pgm, args.bucket_size_mb)
+        model = ZeroDataParallel(model, pgm, args.bucket_size_mb, stage=args.zero)  # 2, 3: grads, weights too
     else:
         model = DataParallel(model, pgm.cp_dp_group, args.bucket_size_mb)  # each cp rank saw only its tokens
     dist.barrier()  # NCCL: a subgroup's first point-to-point must not be the first collective
@@ -245,6 +245,8 @@ def main():
         metrics.summary(pp_peak_inflight=peaks.tolist())
     profiler.stop()
     metrics.close()
+    if args.zero == 3 and (args.dump_params or args.export_hf):
+        model.gather_layers()  # --zero 3: the layers' weights whole again, to be written
     if args.dump_params:
         dump_params(model.module, args.dump_params, rank)
     if args.export_hf:  # collective: every rank writes its slices, rank 0 assembles

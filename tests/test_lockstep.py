@@ -66,7 +66,9 @@ def test_lesson_sizes(capsys):
         assert said in readme, f"step01's README: '{what}' should say {said} ({files})"
         assert all(f"`{f}` {n}" in readme for f, n in files.items()), files
     name, n, tools = lesson_size.lessons()[-1]
-    assert n <= 1500, f"{name} is {n} read-lines without tools/: stand-alone programs go to tools/"
+    # 1,500 held the lesson as issue 23 left it (1,429); ZeRO-2/3 (+208), the checkpoint checks and
+    # interleaved 1F1B's wiring are lessons of their own that came after: 1,750 holds them, not more
+    assert n <= 1750, f"{name} is {n} read-lines without tools/: stand-alone programs go to tools/"
 
 
 ROW = re.compile(r"^\|(?: \d+ \|)? `([^`]+)`( \(diff\))? \| [^|]+ \| (\+?)([\d,]+) \| ([^|]+) \|$")
