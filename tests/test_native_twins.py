@@ -72,10 +72,13 @@ def test_zero1_equals_zero_redundancy_optimizer(twins):
     whole parameters), so the state lives elsewhere; the arithmetic of each element is the same."""
     check_losses(twins["zero1"], "ZeRO-1 vs ZeroRedundancyOptimizer")
     check_params(twins["zero1"], "ZeRO-1 vs ZeroRedundancyOptimizer")
-# MARKED PLACE (ZeRO-2, -3): the worker's twin_zero(2) / twin_zero(3) (step07 --zero 2 / 3 vs fully_shard on
-# each layer and the root, reshard_after_forward False / True) gave the same losses and weights bit for bit
-# against branch `zero` (231a27d, work in progress). Once it is merged: a test here like the one above for
-# "zero2" and "zero3", and remove them from the worker's NOT_BY_DEFAULT.
+@pytest.mark.parametrize("level", [2, 3])
+def test_zero23_equals_fully_shard(twins, level):
+    """step07 --zero 2 (each micro-batch's buckets reduce-scattered into this rank's slice) and --zero 3 (each
+    decoder layer's weights sharded, gathered before its forward and again for its backward) vs FSDP2's
+    fully_shard on each layer and the root (reshard_after_forward False for ZeRO-2, True for ZeRO-3)."""
+    check_losses(twins[f"zero{level}"], f"ZeRO-{level} vs fully_shard")
+    check_params(twins[f"zero{level}"], f"ZeRO-{level} vs fully_shard")
 
 
 @pytest.mark.parametrize("layout", ["tp", "sp"])
@@ -103,20 +106,15 @@ def check_params_but_cancellations(rec, what):
         assert diff <= bound, f"{what}: {name} differs by {diff:.1e} > {bound:.1e}"
 
 
-@pytest.mark.parametrize("schedule", ["pp_gpipe", "pp_1f1b"])
+@pytest.mark.parametrize("schedule", ["pp_gpipe", "pp_1f1b", "pp_interleaved"])
 def test_pp_equals_torch_pipelining(twins, schedule):
-    """step04 (AFAB) / step05 (1F1B) train_step vs PipelineStage + ScheduleGPipe / Schedule1F1B, 2 stages,
+    """step04 (AFAB) / step05 (1F1B, interleaved x2) train_step vs PipelineStage + ScheduleGPipe / Schedule1F1B
+    / ScheduleInterleaved1F1B (a PipelineStage per virtual stage), 2 stages,
     4 micro-batches. Ours divides each micro-batch's loss by their count, torch scales the grads after
     (scale_grads): by a power of two, the same numbers. No gradient clipping on either side:
     torch.distributed.pipelining has no norm over the stages (torchtitan writes its own)."""
     check_losses(twins[schedule], f"{schedule} vs torch.distributed.pipelining")
     check_params(twins[schedule], f"{schedule} vs torch.distributed.pipelining")
-# MARKED PLACE (interleaved): the worker's twin_pp_interleaved (step05 --pp-engine interleaved --pp-chunks 2
-# vs a PipelineStage per virtual stage + ScheduleInterleaved1F1B) is written and gave the same losses and
-# weights bit for bit against branch `interleaved` (1254291). Once that engine is merged: add "pp_interleaved"
-# to the schedules above and remove it from the worker's NOT_BY_DEFAULT.
-
-
 def test_cp_native_has_no_cpu_kernel(twins):
     """torch.distributed.tensor.experimental.context_parallel shards the CUDA attention kernels (flash,
     efficient, cuDNN) only: on CPU it raises, so step06's ring attention is compared with it on GPUs

@@ -505,10 +505,8 @@ def twin_cp():
 TWINS = {"dp": twin_dp, "zero1": lambda: twin_zero(1), "tp": lambda: twin_tp(False), "sp": lambda: twin_tp(True),
          "pp_gpipe": lambda: twin_pp("afab"), "pp_1f1b": lambda: twin_pp("1f1b"), "cp": twin_cp,
          "4d": twin_4d,  # 8 ranks: its own launch
-         "pp_interleaved": twin_pp_interleaved,  # MARKED PLACE: needs step05's interleaved engine (not yet merged)
-         "zero2": lambda: twin_zero(2), "zero3": lambda: twin_zero(3)}  # MARKED PLACE: need step07 --zero 2, 3
-# the MARKED PLACEs: they join the default run once the branches with those engines are merged
-NOT_BY_DEFAULT = {"4d", "pp_interleaved", "zero2", "zero3"}
+         "pp_interleaved": twin_pp_interleaved, "zero2": lambda: twin_zero(2), "zero3": lambda: twin_zero(3)}
+NOT_BY_DEFAULT = {"4d"}  # 8 ranks: a launch of its own
 
 
 def main():
