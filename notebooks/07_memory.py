@@ -49,9 +49,9 @@ UNMEASURED = ("buckets", "transient")  # --memory-report does not count these: p
 
 
 def model_config(name, **override):
-    c = dict(preset(name), **override)  # data/models/NAME/config.json
-    return SimpleNamespace(**c, head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
-                           attention_bias=False, mlp_bias=False)
+    c = {"attention_bias": False, "mlp_bias": False, **preset(name), **override}  # data/models/NAME/config.json
+    c["head_dim"] = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    return SimpleNamespace(**c)
 
 
 # %% [markdown]
@@ -317,6 +317,65 @@ for (model, name), p in real.items():
     print(f"{model:>12} {flat(name):>34}: {memory.describe(p)} -> {verdict}")
 
 # %% [markdown]
+# ## Part 4: ZeRO 0, 1, 2 and 3
+# Left: one rank of a dp 4 run (tiny widened to D = 128, 4 layers, float32), what it keeps of
+# weights, gradients and AdamW's state, measured by `--memory-report` beside memory.py's
+# prediction, and the transient peaks (the gradient bucket on the wire; with `--zero 3` the
+# layers whole at once), recorded by `python notebooks/measure_zero.py --out
+# notebooks/traces/07_zero.json`. Right: the same four levels at real size, predicted, for
+# llama2-7b and llama3.1-8b on 8 GPUs of pure data parallelism (bf16, `--recompute`, T = 4096,
+# 8 micro-batches of 1).
+
+# %%
+ZPARTS = {"weights": "tab:blue", "gradients": "tab:green", "optimizer": "tab:purple", "buckets": "tab:olive",
+          "gathered": "tab:cyan", "activations": "tab:orange", "transient": "tab:red"}
+zrec = read_json(TRACES / "07_zero.json")
+fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 1.4]})
+ax = axes[0]
+for z, r in zrec["results"].items():
+    peaks = {"buckets": r["peaks"]["bucket"] or 0, "gathered": r["peaks"]["gathered"] or 0}
+    for dx, text, parts in ((-0.2, "P", {**r["predicted"], **peaks}), (0.2, "M", {**r["kept"], **peaks})):
+        bottom = 0.0
+        for part in ("weights", "gradients", "optimizer", "buckets", "gathered"):
+            v = parts.get(part, 0) / MIB
+            ax.bar(int(z) + dx, v, 0.38, bottom=bottom, color=ZPARTS[part], edgecolor="white",
+                   hatch="//" if part in ("buckets", "gathered") else None, label=part if z == "3" and dx > 0 else None)
+            bottom += v
+        ax.text(int(z) + dx, bottom, text, ha="center", va="bottom", fontsize=7)
+ax.set_xticks(range(4), [f"zero {z}" for z in range(4)])
+ax.set_ylabel("MiB per rank")
+ax.set_title(f"tiny D = {zrec['args']['hidden']}, dp {zrec['args']['dp']}: P predicted, M measured "
+             "(hatched: peaks of what comes and goes)", fontsize=9)
+ax.legend(fontsize=7)
+ax, zreal = axes[1], {}
+for j, model in enumerate(("llama2-7b", "llama3.1-8b")):
+    for z in range(4):
+        p = zreal[(model, z)] = memory.predict(model_config(model), B=1, T=4096, grad_acc=8, dp=8, zero=z,
+                                               recompute=True, dtype="bfloat16")
+        x, bottom = 5 * j + z, 0.0
+        for part, color in ZPARTS.items():
+            ax.bar(x, p.get(part, 0) / GIB, 0.8, bottom=bottom, color=color, edgecolor="white",
+                   label=part if x == 0 else None)
+            bottom += p.get(part, 0) / GIB
+        ax.text(x, bottom + 1, f"{bottom:.0f}", ha="center", va="bottom", fontsize=8)
+ax.axhline(80, color="black", ls="--", lw=1, label="80 GiB GPU")
+ax.set_xticks([5 * j + z for j in range(2) for z in range(4)],
+              [f"{m}\nzero {z}" for m in ("llama2-7b", "llama3.1-8b") for z in range(4)], fontsize=7)
+ax.set_ylabel("GiB per rank, predicted peak")
+ax.set_title("dp 8, bf16, --recompute, T = 4096, 8 micro-batches of 1 (above each bar: GiB)", fontsize=9)
+ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+plt.tight_layout()
+save(fig, "07_zero")
+plt.show()
+base0 = sum(zrec["results"]["0"]["kept"].values())
+for z, r in zrec["results"].items():
+    print(f"tiny dp 4 zero {z}: keeps {sum(r['kept'].values()) / base0:.1%} of zero 0's weights, gradients and "
+          f"AdamW state (predicted exactly: {r['kept'] == r['predicted']}); sends {sum(r['sent'].values()):,.0f} "
+          f"bytes per step over dp")
+for (model, z), p in zreal.items():
+    print(f"{model:>12} dp 8 zero {z}: {memory.describe(p)} -> {'fits' if p['peak'] <= 80 * GIB else 'does NOT fit'}")
+
+# %% [markdown]
 # ## The lesson, in numbers
 
 # %%
@@ -353,6 +412,10 @@ for model in dict.fromkeys(m for m, _ in real):
 # - `--recompute` trades a forward per layer for nearly all of the activations: each layer keeps
 #   only its input. With it, what is left is mostly static (weights, gradients, buckets, AdamW):
 #   where ZeRO-1 and model parallelism take over.
+# - ZeRO divides what dp alone leaves whole: `--zero 1` AdamW's state, `--zero 2` the gradients,
+#   `--zero 3` the layers' weights, each by dp x cp (Part 4). The price of the last one is on the
+#   wire: every layer is gathered twice per micro-batch, 1.5x plain data parallelism's bytes when
+#   everything is sharded (less here: tiny's embedding and head stay whole).
 # - Activations grow with the tokens of a micro-batch (B x T) and the micro-batches in flight;
 #   the static part grows with the parameters per rank. The real-size panels read which one
 #   dominates, and which layouts fit, from the printed numbers above.

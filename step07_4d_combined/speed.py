@@ -16,7 +16,7 @@ is slow: minutes for a big model on a GPU, tens of seconds for `tiny` on a CPU).
   - --recompute: the checkpointed layer is compiled, and its recomputation runs the compiled
     forward again.
   - Refused: --memory-report (it counts what eager autograd saves; a compiled graph saves its
-    own choice of tensors), with a one-line error.
+    own choice of tensors) and --zero 3 (zero.py), each with a one-line error.
   - The embedding, the head and the loss stay eager: the loss is vocab-parallel under tp, and
     the head's matmul is one big kernel already.
 
@@ -42,6 +42,9 @@ def compile_layers(model, args):
     if args.memory_report:
         raise ValueError("--memory-report counts what eager autograd saves for backward; "
                          "drop --compile (or --memory-report)")
+    if args.zero == 3:
+        raise ValueError("--zero 3 gathers each layer's weights in module hooks, which torch.compile does not "
+                         "trace; drop --compile or use --zero 2")
     for layer in model.model.layers.values():
         layer.compile()  # nn.Module.compile: wraps the call, keeps the module, its names and hooks
     return model
