@@ -155,9 +155,16 @@ def in_flight_chunks(lay, m, stage):
 _CACHE = {}
 
 
+def _shape(cfg):
+    """What decides the parameter counts (a key for _CACHE: configs come and go, their ids are reused)."""
+    return tuple(getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size",
+                                           "num_attention_heads", "num_key_value_heads", "head_dim",
+                                           "tie_word_embeddings", "attention_bias", "mlp_bias"))
+
+
 def layer_params(cfg, tp):
     """Elements of one decoder layer on one tp rank."""
-    key = ("layer", id(cfg), tp)
+    key = ("layer", _shape(cfg), tp)
     if key not in _CACHE:
         _CACHE[key] = sum(n for name, n in memory.stage_params(cfg, tp, cfg.num_hidden_layers, 0)
                           if name not in ("embed_tokens", "norm", "lm_head"))
@@ -166,7 +173,7 @@ def layer_params(cfg, tp):
 
 def param_counts(cfg, tp, pp, stage):
     """memory.param_counts, remembered: the search asks for the same stage many times."""
-    key = ("stage", id(cfg), tp, pp, stage)
+    key = ("stage", _shape(cfg), tp, pp, stage)
     if key not in _CACHE:
         _CACHE[key] = memory.param_counts(cfg, tp, pp, stage)
     return _CACHE[key]
@@ -207,6 +214,29 @@ def rank_memory(cfg, lay, T, m, dtype, stage, reserved_gib=0.0, bucket_mb=25.0, 
     out["transient"] = act["transient"]
     out["reserved"] = reserved_gib * GIB
     out["peak"] = sum(out.values())
+    return out
+
+
+def exact_memory(cfg, lay, T, m, dtype, stage, reserved_gib=0.0, weights="fp32"):
+    """memory.py's own prediction (ZeRO's buckets bucket by bucket, the interleaved schedule replayed):
+    what train.py holds, where rank_memory is the closed form the search screens with."""
+    W = lay.dp * lay.cp
+    out = memory.predict(cfg, B=lay.mbs, T=T, grad_acc=m, dp=lay.dp, pp=lay.pp, cp=lay.cp, tp=lay.tp, stage=stage,
+                         sp=lay.sp, dtype=dtype, recompute=lay.recompute, zero=lay.zero if W > 1 else 0,
+                         schedule=lay.engine, chunks=lay.chunks)
+    out = {k: v for k, v in out.items() if k not in ("peak", "in_flight")}
+    if weights == "bf16":  # as rank_memory: 2-byte weights, a float32 master, no autocast copies
+        n = param_counts(cfg, lay.tp, lay.pp, stage)[0]
+        out["weights"] /= 2
+        out["optimizer"] += 4 * n / W if lay.zero and W > 1 else 4 * n
+        if dtype == "bfloat16" and not lay.recompute:
+            L = memory.stage_layer_count(cfg.num_hidden_layers, lay.pp, stage)
+            held = (out["activations"] / memory.activation_bytes(cfg, lay.mbs, T, lay.tp, lay.cp, lay.pp, stage,
+                                                                 lay.sp, dtype)["total"])
+            out["activations"] -= held * L * 2 * layer_params(cfg, lay.tp)
+    out["reserved"] = reserved_gib * GIB
+    out["peak"] = sum(v for k, v in out.items() if k != "chunks")
+    out.pop("chunks", None)
     return out
 
 
@@ -304,13 +334,15 @@ def step_time(cfg, lay, T, m, hw, gpus_per_node, overlap=True):
 
 
 # ------------------------------------------------------------------ one layout's prediction
-def predict(cfg, lay, *, gpus, gpus_per_node, T, gbs, hw, weights="fp32"):
-    """The planner's answer for one layout: the dict --json prints."""
+def predict(cfg, lay, *, gpus, gpus_per_node, T, gbs, hw, weights="fp32", exact=True):
+    """The planner's answer for one layout: the dict --json prints. exact=False: the closed-form
+    memory (rank_memory), fast enough to screen thousands of layouts; True: memory.py's own."""
     m = gbs // (lay.mbs * lay.dp)
     cpu = hw.get("cores") is not None
     stages = sorted({0, lay.pp - 1})
-    mem = max((rank_memory(cfg, lay, T, m, "float32" if cpu else "bfloat16", s, hw.get("reserved_gib", 0.0),
-                           weights=weights)
+    budget = exact_memory if exact else rank_memory
+    mem = max((budget(cfg, lay, T, m, "float32" if cpu else "bfloat16", s, hw.get("reserved_gib", 0.0),
+                      weights=weights)
                for s in stages), key=lambda r: r["peak"])
     t = step_time(cfg, lay, T, m, hw, gpus_per_node)
     step_s = sum(t.values())
@@ -322,7 +354,7 @@ def predict(cfg, lay, *, gpus, gpus_per_node, T, gbs, hw, weights="fp32"):
             "memory": {k: round(v / GIB, 3) for k, v in mem.items() if k != "peak"},
             "fits": mem["peak"] <= hw["memory_gib"] * GIB, "step_s": step_s,
             "tokens_per_s_per_gpu": tokens / step_s / gpus, "mfu": mfu,
-            "time": t, "bottleneck": bottleneck, "grad_acc_steps": m}
+            "time": t, "bottleneck": bottleneck, "grad_acc_steps": m, "_layout": lay}
 
 
 def describe(lay, m):
@@ -343,6 +375,30 @@ def table(results, hw):
         rows.append(f"{r['layout']:<58} {r['memory_gib']:>6.1f} {r['step_s']:>8.3g} "
                     f"{r['tokens_per_s_per_gpu']:>10.1f} {100 * r['mfu']:>5.1f}%  {times:<44} {r['bottleneck']}{fit}")
     return "\n".join(rows)
+
+
+def search(cfg, fixed, top=10, **kw):
+    """(every layout screened, the `top` fastest that fit by memory.py's exact bytes), or None.
+    The closed form screens (within about 15% of memory.py), the exact one decides."""
+    screened = [predict(cfg, lay, exact=False, **kw)
+                for lay in candidate_layouts(cfg, kw["gpus"], kw["gbs"], kw["T"], fixed)]
+    if not screened:
+        return None
+    cap = kw["hw"]["memory_gib"]
+    maybe = sorted((r for r in screened if r["memory_gib"] <= 1.15 * cap), key=lambda r: -r["tokens_per_s_per_gpu"])
+    fitting = []
+    for r in maybe:
+        exact = predict(cfg, r["_layout"], exact=True, **kw)
+        if exact["fits"]:
+            fitting.append(exact)
+            if len(fitting) == top:
+                break
+    return screened, fitting
+
+
+def public(r):
+    """A prediction without the layout object (for --json)."""
+    return {k: v for k, v in r.items() if not k.startswith("_")}
 
 
 # ------------------------------------------------------------------ --calibrate: this CPU
@@ -511,18 +567,18 @@ def main(argv=None):
         if err:
             sys.exit(f"error: {err}")
         r = predict(cfg, lay, **kw)
-        print(json.dumps(r, indent=2) if args.json else table([r], hw))
+        print(json.dumps(public(r), indent=2) if args.json else table([r], hw))
         return r
     t0 = time.perf_counter()
-    results = [predict(cfg, lay, **kw) for lay in candidate_layouts(cfg, args.gpus, gbs, T, fixed)]
-    if not results:
+    results = search(cfg, fixed, args.top, **kw)
+    if results is None:
         sys.exit(f"error: no layout of {args.gpus} GPUs runs global batch {gbs} at seq {T} with the flags given")
-    fitting = sorted((r for r in results if r["fits"]), key=lambda r: -r["tokens_per_s_per_gpu"])[:args.top]
+    results, fitting = results
     if args.json:
-        print(json.dumps(fitting, indent=2))
+        print(json.dumps([public(r) for r in fitting], indent=2))
     else:
         print(f"{args.model} on {args.gpus} x {hw['name']}, seq {T}, global batch {gbs}: {len(results)} layouts, "
-              f"{sum(r['fits'] for r in results)} fit ({time.perf_counter() - t0:.1f} s)")
+              f"{sum(r['fits'] for r in results)} fit by the closed form ({time.perf_counter() - t0:.1f} s)")
         print(table(fitting, hw) if fitting else "none fits: more GPUs, a shorter sequence or a smaller batch")
     return fitting
 
