@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from data_parallel import Bucket, DataParallel
 from pipeline_parallel import tied_embedding_group
+from process_group_manager import all_gather_flat, reduce_scatter_flat
 
 
 class ZeroDataParallel(DataParallel):
@@ -89,7 +90,7 @@ class ZeroDataParallel(DataParallel):
     def _launch(self, bucket):
         bucket.flatten_grads()
         # reduce-scatter (sum) over dp x cp, async: rank r receives the sum of slice r of the bucket
-        bucket.work = dist.reduce_scatter_tensor(bucket.shard, bucket.buffer, group=self.group, async_op=True)
+        bucket.work = reduce_scatter_flat(bucket.shard, bucket.buffer, self.group, async_op=True)
 
     def finish_gradient_synchronization(self):
         """Wait for the buckets; afterwards each slice's .grad is the average over dp x cp."""
@@ -113,7 +114,7 @@ class ZeroDataParallel(DataParallel):
         for b in self.buckets:
             for piece, off in b.pieces:  # the slice's new values, into the send buffer
                 b.shard[off:off + piece.numel()].copy_(piece)
-            dist.all_gather_into_tensor(b.buffer, b.shard, group=self.group)  # all-gather over dp x cp
+            all_gather_flat(b.buffer, b.shard, self.group)  # all-gather over dp x cp
             for p, (lo, hi) in zip(b.params, b.slices):
                 p.view(-1).copy_(b.buffer[lo:hi])  # (numel,) -> param shape
 
