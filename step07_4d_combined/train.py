@@ -30,7 +30,7 @@ from process_group_manager import ProcessGroupManager, all_gather_flat, init_dis
 from speed import Profiler, add_speed_args, compile_layers
 from tensor_parallel import (allreduce_sequence_parallel_grads, apply_tensor_parallel, check_sp,
                              check_tp_divisibility, vocab_parallel_cross_entropy)
-from utils import (Metrics, base_parser, clip_grad_norm_, die, dump_params, lr_at, make_config,
+from utils import (Metrics, base_parser, batch_note, clip_grad_norm_, die, dump_params, lr_at, make_config,
                    memory_gib, resolve_device_dtype)
 from zero import ShardedAdamW, ZeroDataParallel
 
@@ -185,7 +185,8 @@ def main():
 
     if is_logger:
         print(f"model {args.model}: {n_params / 1e6:.2f}M parameters | {len(sequences)} sequences of "
-              f"{args.seq_len} tokens | global batch {G} sequences | {device} {dtype}")
+              f"{args.seq_len} tokens | global batch {G} sequences{batch_note(G, args.micro_batch_size)} | "
+              f"{device} {dtype}")
     metrics = Metrics(args.log_file, enabled=is_logger)
     mfu = MFU(config, args.seq_len, world_size, device, args.peak_tflops)  # model FLOPs / peak, see mfu.py
     prediction = predict_run(config, args, pgm, dtype)  # this rank's bytes, from the config (memory.py)
