@@ -70,8 +70,12 @@ def execute(nb, workdir, figures=None, timeout=120):
     try:  # over IPC sockets in a folder of our own: a TCP kernel warns that it is unencrypted
         with tempfile.TemporaryDirectory(prefix="kernel_") as sockets:
             km = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(sockets) / "kernel"))
-            nbclient.NotebookClient(nb, km=km, timeout=timeout, record_timing=False,
-                                    resources={"metadata": {"path": str(workdir)}}).execute()
+            try:
+                nbclient.NotebookClient(nb, km=km, timeout=timeout, record_timing=False,
+                                        resources={"metadata": {"path": str(workdir)}}).execute()
+            finally:  # a kernel manager we made is ours to shut down (else: "Parent appears to have exited")
+                if km.has_kernel:
+                    km.shutdown_kernel()
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

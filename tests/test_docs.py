@@ -21,6 +21,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ def commands(text):
         while lines:
             line = lines.pop(0)
             while line.rstrip().endswith("\\") and lines:  # a backslash continues the command
-                line = line.rstrip()[:-1] + " " + lines.pop(0).strip()
+                line = line.rstrip()[:-1].rstrip() + " " + lines.pop(0).strip()
             joined.append((block.start(), line.strip()))
         for pos, line in joined:
             code, comment = split_comment(line)
@@ -259,7 +260,7 @@ def test_every_documented_command_runs_and_every_layout_equals_step01(tmp_path):
     logs.mkdir()
     copy_repo(copy)
     runner = Runner(copy, logs)
-    seen, marked, failures, ran, compared = {}, {}, [], 0, 0
+    seen, marked, failures, ran, compared, took = {}, {}, [], 0, 0, []
     found = [(doc, code, comment) for doc in DOCS for code, comment in commands((REPO / doc).read_text())]
     assert len(found) > 30, f"only {len(found)} commands found in {DOCS}: is the extraction broken?"
     for doc, code, comment in found:
@@ -273,7 +274,9 @@ def test_every_documented_command_runs_and_every_layout_equals_step01(tmp_path):
         key = tuple(str(logs) if str(a).startswith(str(logs)) else a for a in key[0]), key[1]
         if key in seen:  # the same command again (the course table repeats the step READMEs)
             continue
+        t0 = time.perf_counter()
         proc = runner.run(argv, env)
+        took.append((time.perf_counter() - t0, what))
         ran += 1
         seen[key] = proc
         bad = problems_of(proc)
@@ -304,4 +307,6 @@ def test_every_documented_command_runs_and_every_layout_equals_step01(tmp_path):
           f"{len(runner.refs)} step01 references), {counts}")
     for k, v in marked.items():
         print(f"  skipped, {k}:\n    " + "\n    ".join(v))
+    print(f"  {sum(s for s, _ in took):.0f} s in the documented commands (this machine's load: say so), slowest:\n    "
+          + "\n    ".join(f"{s:5.1f} s  {w}" for s, w in sorted(took, reverse=True)[:8]))
     assert not failures, f"{len(failures)} documented command(s) do not run as written:\n\n" + "\n\n".join(failures)
