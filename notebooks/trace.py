@@ -146,6 +146,7 @@ class CommTracer:
         self.seq, self.batch, self.step_no, self.stack, self.counts, self.pending = 0, 0, None, [], {}, {}
         self.meta_written, self.closed, self.opt_span, self.pgm = False, False, None, None
         self.watched, self.open = {}, {}  # id(module) -> (name, top, backward); -> (open span, input)
+        self.hooked = set()  # id of each hooked module's hook dict: a chunk view shares its model's
         self.params, self.held, self.live, self.peak, self.live_at_start = set(), {}, 0, 0, 0
         self.by_module = {}  # module or phase -> bytes first saved there this step
         self.threads = {}  # id(open span) -> the thread that opened it
@@ -367,7 +368,8 @@ class CommTracer:
         if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
             self.watched[id(head)] = ("lm_head", False, True)
         for m in model.modules():
-            if id(m) in self.watched:
+            if id(m) in self.watched and id(m._forward_pre_hooks) not in self.hooked:
+                self.hooked.add(id(m._forward_pre_hooks))
                 m.register_forward_pre_hook(self._fwd_pre)
                 m.register_forward_hook(self._fwd_post)
         return self
@@ -387,6 +389,8 @@ class CommTracer:
     def _fwd_pre(self, module, args):
         if self.closed:
             return
+        if id(module) not in self.watched:  # interleaved: a chunk's view of the model (its hooks are the model's)
+            self.watch(module)
         name, top, _ = self.watched[id(module)]
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         self.open[id(module)] = (self._begin("forward", name), x if (x is not None and x.requires_grad and not top)

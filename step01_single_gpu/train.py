@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this step's ow
 from data import DEFAULT_DATASET, DEFAULT_TOKENIZER, global_batch, load_sequences, load_tokenizer
 from model import Llama, init_weights, load_hf_weights, materialize
 from utils import (Metrics, base_parser, batch_note, clip_grad_norm_, die, dump_params, lr_at, make_config,
-                   memory_gib, resolve_device_dtype)
+                   memory_gib, resolve_device_dtype, stop_if_not_finite)
 
 
 def main():
@@ -33,7 +33,7 @@ def main():
     torch.manual_seed(args.seed)
 
     # --- model ---
-    config = make_config(args)
+    config = make_config(args, device)
     with torch.device("meta"):  # shapes only: no memory, no time spent on a throw-away init
         model = Llama(config)
     materialize(model, device)
@@ -113,6 +113,7 @@ def main():
         tokens_seen += G * args.seq_len
         metrics.log(step=step, loss=loss_avg, lr=lr, grad_norm=grad_norm.item(), tokens=tokens_seen,
                     tokens_per_s=G * args.seq_len / dt, step_time_s=dt, mem_gib=memory_gib(device))
+        stop_if_not_finite(step, loss_avg, grad_norm)  # NaN or inf: stop before anything is saved
 
     metrics.close()
     if args.dump_params:

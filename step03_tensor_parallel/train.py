@@ -20,17 +20,17 @@ from process_group_manager import ProcessGroupManager, init_distributed, shutdow
 from tensor_parallel import (allreduce_sequence_parallel_grads, apply_tensor_parallel, check_sp,
                              check_tp_divisibility, vocab_parallel_cross_entropy)
 from utils import (Metrics, base_parser, batch_note, clip_grad_norm_, die, dump_params, lr_at, make_config,
-                   memory_gib, resolve_device_dtype)
+                   memory_gib, positive, positive_float, resolve_device_dtype, stop_if_not_finite)
 
 
 def main():
     # --- command line ---
     parser = base_parser("Step 03: tensor-parallel (+ data-parallel) training")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--tp", type=positive, default=1, help="tensor-parallel size")
     parser.add_argument("--sp", action="store_true", help="sequence parallelism: split the activations "
                                                           "between blocks along the sequence over tp")
-    parser.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world size)")
-    parser.add_argument("--bucket-size-mb", type=float, default=25.0, help="gradient all-reduce bucket size")
+    parser.add_argument("--dp", type=positive, default=None, help="data-parallel size (default: world size)")
+    parser.add_argument("--bucket-size-mb", type=positive_float, default=25.0, help="gradient all-reduce bucket size")
     args = parser.parse_args()
 
     # --- distributed setup ---
@@ -49,7 +49,7 @@ def main():
     torch.manual_seed(args.seed)
 
     # --- model ---
-    config = make_config(args)
+    config = make_config(args, device)
     try:
         check_tp_divisibility(config, args.tp)
         if args.sp:
@@ -151,6 +151,7 @@ def main():
         tokens_seen += G * args.seq_len
         metrics.log(step=step, loss=loss_avg, lr=lr, grad_norm=grad_norm.item(), tokens=tokens_seen,
                     tokens_per_s=G * args.seq_len / dt, step_time_s=dt, mem_gib=memory_gib(device))
+        stop_if_not_finite(step, loss_avg, grad_norm)  # NaN or inf: stop before anything is saved
 
     metrics.close()
     if args.dump_params:

@@ -119,6 +119,9 @@ def build_once(path, build):
             raise ValueError(error.read_text().strip())
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except PermissionError as e:  # a read-only cache serves built files, but cannot build one
+            raise OSError(f"--data-cache {path.parent} is not writable ({e.strerror}) and holds no token file "
+                          f"of this corpus yet; pass a folder you can write to") from None
         except FileExistsError:
             try:
                 owner, mtime = lock.read_text(), lock.stat().st_mtime_ns

@@ -1,6 +1,7 @@
 """Step 05: the 1F1B pipeline schedule. Same stages and bubble as step04's all-forward-
 all-backward, but each stage alternates one forward and one backward, so at most pp
-micro-batches of activations are alive at once: world = dp x pp x tp.
+micro-batches of activations are alive at once: world = dp x pp x tp. Interleaved 1F1B gives
+each rank --pp-chunks model chunks (virtual stages), which divides the bubble by their number.
 
 Same seed, same global batch and same per-step loss as step01. README.md has the commands.
 """
@@ -17,24 +18,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this step's ow
 from data_parallel import DataParallel
 from data import DEFAULT_DATASET, DEFAULT_TOKENIZER, global_batch, load_sequences, load_tokenizer
 from model import Llama, init_weights, load_hf_weights, materialize
-from pipeline_parallel import apply_pipeline_parallel, check_pp, sync_tied_embeddings, train_step
+from pipeline_parallel import apply_pipeline_parallel, check_chunks, check_pp, sync_tied_embeddings, train_step
 from process_group_manager import ProcessGroupManager, all_gather_flat, init_distributed, shutdown_distributed
 from tensor_parallel import (allreduce_sequence_parallel_grads, apply_tensor_parallel, check_sp,
                              check_tp_divisibility, vocab_parallel_cross_entropy)
 from utils import (Metrics, base_parser, batch_note, clip_grad_norm_, die, dump_params, lr_at, make_config,
-                   memory_gib, resolve_device_dtype)
+                   memory_gib, positive, positive_float, resolve_device_dtype, stop_if_not_finite)
 
 
 def main():
     # --- command line ---
     parser = base_parser("Step 05: 1F1B pipeline-parallel (+ tensor- and data-parallel) training")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--tp", type=positive, default=1, help="tensor-parallel size")
     parser.add_argument("--sp", action="store_true", help="sequence parallelism: split the activations "
                                                           "between blocks along the sequence over tp")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (stages)")
-    parser.add_argument("--pp-engine", choices=["afab", "1f1b"], default="1f1b", help="pipeline schedule")
-    parser.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world size)")
-    parser.add_argument("--bucket-size-mb", type=float, default=25.0, help="gradient all-reduce bucket size")
+    parser.add_argument("--pp", type=positive, default=1, help="pipeline-parallel size (stages)")
+    parser.add_argument("--pp-engine", choices=["afab", "1f1b", "interleaved"], default="1f1b", help="pipeline schedule")
+    parser.add_argument("--pp-chunks", type=positive, default=1, help="interleaved: model chunks (virtual stages) per rank")
+    parser.add_argument("--dp", type=positive, default=None, help="data-parallel size (default: world size)")
+    parser.add_argument("--bucket-size-mb", type=positive_float, default=25.0, help="gradient all-reduce bucket size")
     args = parser.parse_args()
 
     # --- distributed setup ---
@@ -53,12 +55,13 @@ def main():
     torch.manual_seed(args.seed)
 
     # --- model ---
-    config = make_config(args)
+    config = make_config(args, device)
     try:
         check_tp_divisibility(config, args.tp)
         if args.sp:
             check_sp(args.seq_len, args.tp)
         check_pp(config.num_hidden_layers, args.pp)
+        check_chunks(args.pp_engine, args.pp_chunks, args.pp, args.grad_acc_steps, config.num_hidden_layers)
     except ValueError as e:
         die(str(e))
     with torch.device("meta"):  # shapes only: no memory, no time spent on a throw-away init
@@ -69,7 +72,7 @@ def main():
         apply_tensor_parallel(model, pgm.tp_group, sp=args.sp)
     # --- pipeline parallel ---
     # Keep this stage's layers; the first stage embeds, the last one has the norm, head and loss.
-    apply_pipeline_parallel(model, pgm)
+    apply_pipeline_parallel(model, pgm, args.pp_chunks)
     materialize(model, device)
     init_weights(model, args.seed)
     if os.path.isdir(args.model) and any(f.endswith(".safetensors") for f in os.listdir(args.model)):
@@ -148,7 +151,8 @@ def main():
         if pgm.pp_size > 1:  # the schedule runs every stage's forwards and backwards, passing activations
             loss_sum, peak = train_step(model, list(local_micro_batches(step)), pgm, loss_fn,
                                         args.grad_acc_steps, autocast, schedule=args.pp_engine,
-                                        seq_shards=pgm.tp_size if args.sp else 1)  # --sp: (mbs, T/tp, D) sent
+                                        seq_shards=pgm.tp_size if args.sp else 1,  # --sp: (mbs, T/tp, D) sent
+                                        chunks=args.pp_chunks)
             peak_inflight = max(peak_inflight, peak)  # micro-batches whose activations were alive at once
         else:
             loss_sum = forward_backward(local_micro_batches(step))
@@ -168,6 +172,7 @@ def main():
         tokens_seen += G * args.seq_len
         metrics.log(step=step, loss=loss_avg, lr=lr, grad_norm=grad_norm.item(), tokens=tokens_seen,
                     tokens_per_s=G * args.seq_len / dt, step_time_s=dt, mem_gib=memory_gib(device))
+        stop_if_not_finite(step, loss_avg, grad_norm)  # NaN or inf: stop before anything is saved
 
     if pgm.pp_size > 1:  # once per run, not per step: all-gather over pp of every stage's peak
         peaks = torch.zeros(pgm.pp_size, dtype=torch.long, device=device)

@@ -1,8 +1,9 @@
 """You can skip this on first reading: tensors written so that a reader sees the old file or the
-new one, never half of one (atomic_save_file), and each rank's parameters at the end of a run, for
-the tests (--dump-params).
+new one, never half of one (atomic_save_file), a file's checksum (file_crc32), and each rank's
+parameters at the end of a run, for the tests (--dump-params).
 """
 import os
+import zlib
 from pathlib import Path
 
 
@@ -22,6 +23,15 @@ def atomic_save_file(tensors, path, metadata=None):
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)  # atomic on POSIX
+
+
+def file_crc32(path, chunk=16 * 2**20):
+    """zlib.crc32 of a whole file, read in 16 MiB chunks (memory stays flat)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def dump_params(model, directory, rank=0):

@@ -19,25 +19,26 @@ from context_parallel import check_cp, ring_attention, zigzag_positions, zigzag_
 from data_parallel import DataParallel
 from data import DEFAULT_DATASET, DEFAULT_TOKENIZER, global_batch, load_sequences, load_tokenizer
 from model import Llama, init_weights, load_hf_weights, materialize
-from pipeline_parallel import apply_pipeline_parallel, check_pp, sync_tied_embeddings, train_step
+from pipeline_parallel import apply_pipeline_parallel, check_chunks, check_pp, sync_tied_embeddings, train_step
 from process_group_manager import ProcessGroupManager, all_gather_flat, init_distributed, shutdown_distributed
 from tensor_parallel import (allreduce_sequence_parallel_grads, apply_tensor_parallel, check_sp,
                              check_tp_divisibility, vocab_parallel_cross_entropy)
 from utils import (Metrics, base_parser, batch_note, clip_grad_norm_, die, dump_params, lr_at, make_config,
-                   memory_gib, resolve_device_dtype)
+                   memory_gib, positive, positive_float, resolve_device_dtype, stop_if_not_finite)
 
 
 def main():
     # --- command line ---
     parser = base_parser("Step 06: context-parallel (+ pipeline-, tensor- and data-parallel) training")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--tp", type=positive, default=1, help="tensor-parallel size")
     parser.add_argument("--sp", action="store_true", help="sequence parallelism: split the activations "
                                                           "between blocks along the sequence over tp")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (stages)")
-    parser.add_argument("--pp-engine", choices=["afab", "1f1b"], default="1f1b", help="pipeline schedule")
-    parser.add_argument("--cp", type=int, default=1, help="context-parallel size (sequence split)")
-    parser.add_argument("--dp", type=int, default=None, help="data-parallel size (default: world size)")
-    parser.add_argument("--bucket-size-mb", type=float, default=25.0, help="gradient all-reduce bucket size")
+    parser.add_argument("--pp", type=positive, default=1, help="pipeline-parallel size (stages)")
+    parser.add_argument("--pp-engine", choices=["afab", "1f1b", "interleaved"], default="1f1b", help="pipeline schedule")
+    parser.add_argument("--pp-chunks", type=positive, default=1, help="interleaved: model chunks (virtual stages) per rank")
+    parser.add_argument("--cp", type=positive, default=1, help="context-parallel size (sequence split)")
+    parser.add_argument("--dp", type=positive, default=None, help="data-parallel size (default: world size)")
+    parser.add_argument("--bucket-size-mb", type=positive_float, default=25.0, help="gradient all-reduce bucket size")
     args = parser.parse_args()
 
     # --- distributed setup ---
@@ -57,12 +58,13 @@ def main():
     torch.manual_seed(args.seed)
 
     # --- model ---
-    config = make_config(args)
+    config = make_config(args, device)
     try:
         check_tp_divisibility(config, args.tp)
         if args.sp:
             check_sp(args.seq_len // args.cp, args.tp)  # each cp rank holds T/cp tokens
         check_pp(config.num_hidden_layers, args.pp)
+        check_chunks(args.pp_engine, args.pp_chunks, args.pp, args.grad_acc_steps, config.num_hidden_layers)
         check_cp(args.seq_len, args.cp)
     except ValueError as e:
         die(str(e))
@@ -74,7 +76,7 @@ def main():
         apply_tensor_parallel(model, pgm.tp_group, sp=args.sp)
     # --- pipeline parallel ---
     # Keep this stage's layers; the first stage embeds, the last one has the norm, head and loss.
-    apply_pipeline_parallel(model, pgm)
+    apply_pipeline_parallel(model, pgm, args.pp_chunks)
     # --- context parallel ---
     # Attention is the only op that mixes tokens: swap it for ring attention over the cp group.
     if pgm.cp_size > 1:
@@ -165,7 +167,7 @@ def main():
             loss_sum, peak = train_step(model, list(local_micro_batches(step)), pgm, loss_fn,
                                         args.grad_acc_steps, autocast, schedule=args.pp_engine,
                                         seq_shards=pgm.tp_size if args.sp else 1,  # --sp: (mbs, T/tp, D) sent
-                                        position_ids=position_ids)
+                                        position_ids=position_ids, chunks=args.pp_chunks)
             peak_inflight = max(peak_inflight, peak)  # micro-batches whose activations were alive at once
         else:
             loss_sum = forward_backward(local_micro_batches(step))
@@ -185,6 +187,7 @@ def main():
         tokens_seen += G * args.seq_len
         metrics.log(step=step, loss=loss_avg, lr=lr, grad_norm=grad_norm.item(), tokens=tokens_seen,
                     tokens_per_s=G * args.seq_len / dt, step_time_s=dt, mem_gib=memory_gib(device))
+        stop_if_not_finite(step, loss_avg, grad_norm)  # NaN or inf: stop before anything is saved
 
     if pgm.pp_size > 1:  # once per run, not per step: all-gather over pp of every stage's peak
         peaks = torch.zeros(pgm.pp_size, dtype=torch.long, device=device)

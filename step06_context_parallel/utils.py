@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from config_checks import check_config, read_llama_config
-from tensor_files import atomic_save_file, dump_params  # noqa: F401  (for train.py and the checkpoints)
+from config_checks import (Range, agree, check_config, check_flags, check_json, check_size, nonneg,  # noqa: F401
+                           nonneg_float, positive, positive_float, read_llama_config, stop_if_not_finite)
+from tensor_files import atomic_save_file, dump_params, file_crc32  # noqa: F401  (for train.py and the checkpoints)
 
 MODELS = Path(__file__).resolve().parent.parent / "data" / "models"  # a preset: MODELS/NAME/config.json
 PRESETS = sorted(p.name for p in MODELS.iterdir() if (p / "config.json").is_file()) if MODELS.is_dir() else []
@@ -27,12 +28,23 @@ def die(msg):
     raise SystemExit(f"error: {msg}")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with each number checked against its range (config_checks.py) and one line per error."""
+
+    def parse_args(self, args=None, namespace=None):
+        return check_flags(self, super().parse_args(args, namespace))
+
+    def error(self, message):
+        die(f"{message} (see --help)")
+
+
 def base_parser(description):
-    p = argparse.ArgumentParser(description=description)
+    p = Parser(description=description)
     a = p.add_argument
     a("--model", default="tiny", help=f"preset ({', '.join(PRESETS)}) or a directory with an HF config.json")
     for flag in OVERRIDES:
-        a("--" + flag.replace("_", "-"), type=int, default=None, help="override the model's " + OVERRIDES[flag])
+        a("--" + flag.replace("_", "-"), type=Range(int, 0, 1) if flag == "tie_word_embeddings" else positive,
+          default=None, help="override the model's " + OVERRIDES[flag])
     a("--dataset", default=None, help="local .jsonl/.txt/.parquet/.csv file or directory, or a hub NAME[@REVISION] "
                                       "(default: bundled)")
     a("--text-column", default=None, help="the corpus's column of documents (default: `text`, else its only "
@@ -40,17 +52,17 @@ def base_parser(description):
     a("--tokenizer", default=None, help="local tokenizer directory or hub name (default: bundled)")
     a("--data-cache", default=None, help="folder of token files (default: course_tokens/ in the datasets cache, "
                                          "$HF_DATASETS_CACHE or $HF_HOME/datasets)")
-    a("--max-tokens", type=int, default=None, help="tokenize at most N tokens of --dataset (default: all of a "
-                                                   "local corpus, 100M of a hub dataset)")
-    a("--seq-len", type=int, default=64)
-    a("--micro-batch-size", type=int, default=8)
-    a("--grad-acc-steps", type=int, default=1)
-    a("--max-steps", type=int, default=300)
-    a("--lr", type=float, default=3e-3)
-    a("--warmup-steps", type=int, default=20)
-    a("--weight-decay", type=float, default=0.1)
-    a("--grad-clip", type=float, default=1.0)
-    a("--seed", type=int, default=42)
+    a("--max-tokens", type=positive, default=None, help="tokenize at most N tokens of --dataset (default: all of "
+                                                        "a local corpus, 100M of a hub dataset)")
+    a("--seq-len", type=positive, default=64)
+    a("--micro-batch-size", type=positive, default=8)
+    a("--grad-acc-steps", type=positive, default=1)
+    a("--max-steps", type=nonneg, default=300)  # 0: no step (step07: convert or export)
+    a("--lr", type=Range(float, 0, 1e3), default=3e-3)  # 0: a step that changes nothing (tests)
+    a("--warmup-steps", type=nonneg, default=20)
+    a("--weight-decay", type=nonneg_float, default=0.1)
+    a("--grad-clip", type=positive_float, default=1.0)
+    a("--seed", type=Range(int, 0, 2**32 - 1), default=42)
     a("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bfloat16 on cuda, float32 on cpu")
     a("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     a("--log-file", default=None, help="JSON lines, one object per optimizer step")
@@ -70,10 +82,11 @@ def batch_note(G, micro_batch_size):
     return f" (step01's default is {default}: {how})"
 
 
-def make_config(args):
+def make_config(args, device=None):
     """A transformers.LlamaConfig from --model (a preset, or a directory with a Hugging Face config.json)
     plus the shape overrides, checked: anything the course's model would not compute exactly as
-    LlamaForCausalLM does stops here, in one line naming the key (config_checks.py).
+    LlamaForCausalLM does stops here, in one line naming the key (config_checks.py). With the run's
+    `device`, so does a model whose float32 weights alone exceed the job's memory.
 
     --hidden-size/--num-heads: head_dim follows them (hidden / heads), unless the model's head_dim was
     not hidden / heads (set on purpose in its config.json): that one is kept. --head-dim sets it."""
@@ -89,6 +102,8 @@ def make_config(args):
         if args.head_dim is None and head_dim_follows:
             cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
         check_config(cfg, args.seq_len)
+        if device:  # a run on it: the weights must fit
+            check_size(cfg, device)
     except ValueError as e:
         die(str(e))
     return cfg

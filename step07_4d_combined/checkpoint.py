@@ -19,15 +19,17 @@ its own slices: flat ranges of the parameters, region {"box", "flat": [a, b]}, w
 ZeRO or not, reads back. Bytes: 12 x parameters in all (float32 weights + two moments), at most
 12 x parameters / (tp x pp) on one rank.
 
-Save: every rank writes its file (temporary name, fsync, rename); one all_gather_object over the
-world carries each rank's (ok, cause, size, pieces). If a write failed, every rank stops with the
-same line naming that rank, and `latest` stays. Else rank 0 writes meta.json, then `latest`, and
-broadcasts that it worked; then it prunes (--keep-last). A crash at any moment leaves `latest` on
-the previous complete checkpoint.
-Resume, any layout: every rank runs the same checks (model, data, global batch, file sizes), so
-all stop with the same line. Then each tensor it holds is filled from the saved pieces that
-overlap it (reshard.read_region reads only the overlaps, into the rank's own tensors: it holds
-its slices plus one overlap, never the model). Under the same layout a rank reads back exactly
+Save: every rank writes its file into step_N.tmp/ (temporary name, fsync, rename; its crc32 read
+back); one all_gather_object over the world carries each rank's (ok, cause, size, pieces, crc32).
+If a write failed, every rank stops with the same line naming that rank, and `latest` stays. Else
+rank 0 writes meta.json, renames the folder step_N, writes `latest`, and broadcasts that it worked;
+then it prunes (--keep-last). A crash at any moment leaves `latest` on the previous complete
+checkpoint.
+Resume, any layout: every rank runs the same checks (meta.json's schema, model, data, global batch,
+file sizes) and the crc32 of each file it reads, and all agree before training (an all-gather of
+every rank's outcome), so all stop with the same line. Each tensor it holds is filled from the
+saved pieces that overlap it (reshard.read_region reads only the overlaps, into the rank's own
+tensors: it holds its slices plus one overlap, never the model). Under the same layout a rank reads back exactly
 what was written (replicas are bit-identical): the continuation is bit for bit.
 
 Why not torch.distributed.checkpoint (DCP, torchtitan's choice)? It reshards the same way (a
@@ -51,7 +53,7 @@ from safetensors import safe_open
 
 from model import full_shape
 from reshard import read_region, region_of
-from utils import atomic_save_file, die
+from utils import agree, atomic_save_file, check_json, die, file_crc32, nonneg
 
 LAYOUT = ("dp", "pp", "cp", "tp")
 MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -61,15 +63,22 @@ MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
 DATA_KEYS = {"seq_len": "--seq-len", "seed": "--seed",
              "sequences": "--dataset, --tokenizer and --max-tokens (the packed dataset)",
              "tokens_crc32": "--dataset and --tokenizer (the first packed sequences differ)"}
+ADAM_STATE = ("exp_avg", "exp_avg_sq", "step")  # what AdamW keeps per parameter: all of it, or --reset-optimizer
+META = {"step": int, "tokens": int, "world": int, "layout": {d: int for d in LAYOUT}, "config": dict,
+        "data": {k: int for k in (*DATA_KEYS, "global_batch", "micro_batch_size", "grad_acc_steps")},
+        "files": {str: int}, "crc32": {str: int},
+        "tensors": {str: {"shape": [int], "dtype": str, "pieces": [(str, str, dict)]}}}
 
 
 def add_checkpoint_args(parser):
     a = parser.add_argument
     a("--save-dir", default=None, help="write checkpoints here: step_NNNNNN/ folders and a `latest` pointer")
-    a("--save-every", type=int, default=0, help="save every N optimizer steps and after the last (0: after the last)")
-    a("--keep-last", type=int, default=0, help="after each save keep only the newest N checkpoints (0: keep all)")
+    a("--save-every", type=nonneg, default=0, help="save every N optimizer steps and after the last (0: after "
+                                                    "the last)")
+    a("--keep-last", type=nonneg, default=0, help="after each save keep only the newest N checkpoints (0: keep all)")
     a("--resume", default=None, help="'latest' (newest complete checkpoint in --save-dir; none yet: start "
                                      "from step 0) or a checkpoint directory; any layout with the same global batch")
+    a("--reset-optimizer", action="store_true", help="--resume the weights only: AdamW's moments start from zero")
 
 
 def crash_here(where, step):
@@ -104,8 +113,7 @@ class Checkpointer:
                      "micro_batch_size": args.micro_batch_size, "grad_acc_steps": args.grad_acc_steps}
         if (args.save_every or (args.resume == "latest")) and not args.save_dir:
             die("--save-every and --resume latest need --save-dir")
-        if args.keep_last < 0:
-            die(f"--keep-last {args.keep_last}: pass N >= 1 to keep the newest N checkpoints, or 0 to keep all")
+        self.last = None  # the newest checkpoint this run saved or resumed from, for stop_if_not_finite
 
     def _logical(self, name):
         """Tied embeddings: a last stage's lm_head.weight is a copy of model.embed_tokens.weight."""
@@ -157,7 +165,8 @@ class Checkpointer:
     @torch.no_grad()
     def save(self, done, model, optimizer, tokens):
         t0, root = time.perf_counter(), Path(self.args.save_dir)
-        folder, name = root / f"step_{done:06d}", f"rank{self.rank:05d}.safetensors"
+        final, name = root / f"step_{done:06d}", f"rank{self.rank:05d}.safetensors"
+        folder = final.with_name(final.name + ".tmp")  # renamed once complete: never old and new files mixed
         tensors, index = {}, []
         for key, t, shape, region in self.pieces(model, optimizer):
             tensors[key] = t.detach().cpu().contiguous()
@@ -165,46 +174,52 @@ class Checkpointer:
         tensors["rng/cpu"] = torch.get_rng_state()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             tensors["rng/cuda"] = torch.cuda.get_rng_state()
-        ok, cause, size = True, "", 0
+        ok, cause, size, crc = True, "", 0, 0
         try:  # a full disk, a permission, an I/O error: report it below instead of raising alone
             folder.mkdir(parents=True, exist_ok=True)  # every rank: exist_ok is race-free
             fail_here(self.rank, done)
             atomic_save_file(tensors, folder / name, {"step": str(done)})
-            size = (folder / name).stat().st_size
+            size, crc = (folder / name).stat().st_size, file_crc32(folder / name)  # read back: what resume checks
         except Exception as e:
             ok, cause = False, (e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0])
             (folder / f".{name}.tmp").unlink(missing_ok=True)  # give a full disk its space back
         crash_here("IN_SAVE", done)  # tests: every rank wrote its file, nobody wrote `latest`
         reports = [None] * self.world
-        dist.all_gather_object(reports, (ok, cause, name, size, index))  # all-gather over the world
+        dist.all_gather_object(reports, (ok, cause, name, size, index, crc))  # all-gather over the world
         failed = [r for r, rep in enumerate(reports) if not rep[0]]
         if failed:  # every rank takes this branch: the same line everywhere, nobody left in a collective
             r, more = failed[0], f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
-            die(f"checkpoint {folder.name} not saved: rank {r} could not write {folder / reports[r][2]} "
+            die(f"checkpoint {final.name} not saved: rank {r} could not write {folder / reports[r][2]} "
                 f"({reports[r][1]}){more}; {self._latest_note()}")
         outcome = [""]
         if self.rank == 0:  # only now is the checkpoint complete: describe it, then point at it
             tensors_index = {}
-            for _, _, fname, _, entries in reports:
+            for _, _, fname, _, entries, _ in reports:
                 for key, shape, dtype, region in entries:
                     e = tensors_index.setdefault(key, {"shape": shape, "dtype": dtype, "pieces": []})
                     e["pieces"].append([fname, key, region])
             meta = {"step": done, "tokens": tokens, "layout": self.layout, "world": self.world, "data": self.data,
                     "config": self.config.to_dict(), "files": {rep[2]: rep[3] for rep in reports},
-                    "tensors": tensors_index}
+                    "crc32": {rep[2]: rep[5] for rep in reports}, "tensors": tensors_index}
             try:
                 _atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1, default=str))
-                _atomic_write_text(root / "latest", folder.name)
+                old = final.with_name(final.name + ".old")  # a step_N of a run that went further: replaced
+                if final.exists():
+                    os.replace(final, old)
+                os.replace(folder, final)
+                _atomic_write_text(root / "latest", final.name)
+                shutil.rmtree(old, ignore_errors=True)
             except OSError as e:
-                outcome = [f"checkpoint {folder.name} not saved: rank 0 could not write {e.filename} "
+                outcome = [f"checkpoint {final.name} not saved: rank 0 could not write {e.filename} "
                            f"({e.strerror}); {self._latest_note()}"]
         dist.broadcast_object_list(outcome, src=0)  # broadcast over the world: nobody runs ahead of `latest`
         if outcome[0]:
             die(outcome[0])
+        self.last = final
         if self.rank == 0:
-            self.prune(folder.name)
+            self.prune(final.name)
         if self.rank == self.world - 1:
-            print(f"saved {folder} ({sum(rep[3] for rep in reports):,} bytes in {self.world} files, at most "
+            print(f"saved {final} ({sum(rep[3] for rep in reports):,} bytes in {self.world} files, at most "
                   f"{max(rep[3] for rep in reports):,} per rank, {time.perf_counter() - t0:.2f} s)", flush=True)
 
     def prune(self, current):
@@ -214,10 +229,10 @@ class Checkpointer:
         resumed from an earlier checkpoint) are left alone: this run overwrites them when it gets there."""
         if not self.args.keep_last:
             return
-        step = lambda p: int(p.name[5:])  # noqa: E731  step_000010 -> 10
-        older = sorted((p for p in Path(self.args.save_dir).glob("step_*")
-                        if p.is_dir() and p.name[5:].isdigit() and step(p) < int(current[5:])), key=step)
-        complete = [p for p in older if (p / "meta.json").is_file()]
+        step = lambda p: int(p.name[5:].removesuffix(".tmp"))  # noqa: E731  step_000010(.tmp) -> 10
+        older = sorted((p for p in Path(self.args.save_dir).glob("step_*") if p.is_dir()
+                        and p.name[5:].removesuffix(".tmp").isdigit() and step(p) < int(current[5:])), key=step)
+        complete = [p for p in older if (p / "meta.json").is_file() and not p.name.endswith(".tmp")]
         keep = set(complete[-(self.args.keep_last - 1):]) if self.args.keep_last > 1 else set()
         for p in older:
             if p not in keep:
@@ -242,9 +257,16 @@ class Checkpointer:
             meta = json.loads((folder / "meta.json").read_text())
         except (OSError, ValueError) as e:
             die(f"checkpoint {folder.name}: meta.json is unreadable ({e})")
-        if "tensors" not in meta:
-            die(f"checkpoint {folder.name} has no tensor index (an older format); resume it with the commit "
-                f"that wrote it")
+        if "tensors" not in meta or "crc32" not in meta:
+            die(f"checkpoint {folder.name} has no tensor index or checksums (an older format); resume it with "
+                f"the commit that wrote it")
+        try:  # every entry read below has its type, every file its size and checksum, every piece its file
+            check_json(meta, META, what=f"checkpoint {folder.name}: meta.json")
+            lost = {f for e in meta["tensors"].values() for f, _, _ in e["pieces"]} - set(meta["files"])
+            if set(meta["crc32"]) != set(meta["files"]) or lost:
+                raise ValueError(f"checkpoint {folder.name}: meta.json names files it has no size or checksum of")
+        except ValueError as e:
+            die(f"{e}; resume from another checkpoint")
         for k in MODEL_KEYS:
             old, new = meta["config"].get(k), getattr(self.config, k, None)
             if old != new:
@@ -274,9 +296,14 @@ class Checkpointer:
                     f"({f.stat().st_size} bytes, {size} were written)")
         return meta
 
-    @torch.no_grad()
     def resume(self, model, optimizer):
-        """Fill model and optimizer from a checkpoint of any layout; return (first step to run, tokens seen)."""
+        """Fill model and optimizer from a checkpoint of any layout; return (first step to run, tokens seen).
+        Every rank loads what it holds, then all agree (config_checks.agree) before any training
+        collective: one rank's damaged piece stops every rank, with that rank's line."""
+        return agree(lambda: self._load(model, optimizer), self.world)
+
+    @torch.no_grad()
+    def _load(self, model, optimizer):
         folder = self.find()
         if folder is None:
             if self.rank == self.world - 1:
@@ -292,7 +319,10 @@ class Checkpointer:
         handles = {}  # file name -> safe_open handle, opened on first use
 
         def open_file(fname):
-            if fname not in handles:
+            if fname not in handles:  # each file this rank reads is checked whole, once
+                if file_crc32(folder / fname) != meta["crc32"][fname]:
+                    die(f"checkpoint {folder.name}: {fname} does not match its checksum (changed or damaged "
+                        f"since it was written); resume from another checkpoint")
                 handles[fname] = safe_open(folder / fname, "pt")
             return handles[fname]
 
@@ -314,6 +344,12 @@ class Checkpointer:
             nbytes += fill(p.data, f"model/{logical}", region_of(p))
         for name, p, t, region in self.stepped(model, optimizer):  # with --zero 1: this rank's slices
             logical, saved = self._logical(name), {}
+            if self.args.reset_optimizer:  # on purpose: fresh moments
+                continue
+            missing = [k for k in ADAM_STATE if f"adam/{logical}/{k}" not in index]
+            if missing:
+                die(f"checkpoint {folder.name} has no adam/{logical}/{missing[0]}: AdamW's state is incomplete; "
+                    f"resume from another checkpoint, or pass --reset-optimizer to start its moments from zero")
             for key in (k for k in index if k.startswith(f"adam/{logical}/")):  # exp_avg, exp_avg_sq, step
                 shape = index[key]["shape"]
                 saved[key.rsplit("/", 1)[1]] = dst = torch.empty(t.shape if shape else (),
@@ -321,9 +357,9 @@ class Checkpointer:
                 nbytes += fill(dst, key, region if shape else {"box": []})
             if saved:
                 state["state"][position[id(t)]] = saved
-        with safe_open(folder / rng_file, "pt") as f:
-            rng_cpu = f.get_tensor("rng/cpu")
-            rng_cuda = f.get_tensor("rng/cuda") if "rng/cuda" in f.keys() else None
+        f = open_file(rng_file)
+        rng_cpu = f.get_tensor("rng/cpu")
+        rng_cuda = f.get_tensor("rng/cuda") if "rng/cuda" in f.keys() else None
         handles.clear()
         optimizer.load_state_dict(state)
         torch.set_rng_state(rng_cpu)
@@ -333,4 +369,5 @@ class Checkpointer:
             was = " ".join(f"{d}={meta['layout'][d]}" for d in LAYOUT)
             print(f"resumed from {folder} (step {meta['step']}, written with {was}): this rank read "
                   f"{nbytes:,} bytes in {time.perf_counter() - t0:.2f} s", flush=True)
+        self.last = folder
         return meta["step"], meta["tokens"]

@@ -12,7 +12,8 @@ Every dimension of the course exists because something runs out of memory. Per r
   optimizer    AdamW's exp_avg and exp_avg_sq, 8 bytes x local parameters (and a 4-byte step per
                tensor); with --zero 1, 1/(dp x cp) of them.
   activations  what autograd saves for backward: per micro-batch, times the micro-batches in
-               flight on the stage (pp = 1: 1; AFAB: m; 1F1B: min(m, pp - stage)).
+               flight on the stage (pp = 1: 1; AFAB: m; 1F1B: min(m, pp - stage); interleaved:
+               min(V m, (V - 1) pp + 2 (pp - stage - 1) + 1) chunks, each of 1/V of the layers).
   peak         their sum, plus the transients of one micro-batch: the logits and the softmax of
                the loss, and with --recompute the activations of the one layer being recomputed.
                An upper bound: gradients grow while activations are freed, and both are counted.
@@ -48,13 +49,16 @@ GIB = 2**30
 
 
 # ------------------------------------------------------------------ the layout of one rank
-def stage_layer_count(num_layers, pp, stage):
-    """How many decoder layers stage `stage` owns (pipeline_parallel.stage_layers' rule)."""
+def stage_layer_count(num_layers, pp, stage, chunks=1):
+    """How many decoder layers stage `stage` owns (pipeline_parallel.stage_layers' rule; chunks > 1:
+    the layers of its virtual stages c * pp + stage, chunk_layers')."""
+    if chunks > 1:
+        return sum(stage_layer_count(num_layers, pp * chunks, c * pp + stage) for c in range(chunks))
     base, extra = divmod(num_layers, pp)
     return base + (stage < extra)
 
 
-def stage_params(cfg, tp=1, pp=1, stage=0):
+def stage_params(cfg, tp=1, pp=1, stage=0, chunks=1):
     """[(name, elements)] of the parameters one rank of `stage` holds, in registration order."""
     D, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -69,7 +73,7 @@ def stage_params(cfg, tp=1, pp=1, stage=0):
     layer += [("down_proj", I * D // tp)] + mb * [("down_proj.bias", D)]
     first, last = stage == 0, stage == pp - 1
     out = [("embed_tokens", V * D // tp)] if first else []
-    out += layer * stage_layer_count(cfg.num_hidden_layers, pp, stage)
+    out += layer * stage_layer_count(cfg.num_hidden_layers, pp, stage, chunks)
     if last:
         out += [("norm", D)]
         if not (cfg.tie_word_embeddings and first):  # tied on one stage: lm_head is the embedding
@@ -77,17 +81,17 @@ def stage_params(cfg, tp=1, pp=1, stage=0):
     return out
 
 
-def param_counts(cfg, tp=1, pp=1, stage=0):
+def param_counts(cfg, tp=1, pp=1, stage=0, chunks=1):
     """(elements, tensors) of the parameters one rank of `stage` holds."""
-    params = stage_params(cfg, tp, pp, stage)
+    params = stage_params(cfg, tp, pp, stage, chunks)
     return sum(n for _, n in params), len(params)
 
 
-def zero_slices(cfg, tp, pp, stage, W, rank, bucket_size_mb):
+def zero_slices(cfg, tp, pp, stage, W, rank, bucket_size_mb, chunks=1):
     """--zero 1: (elements, pieces, padded bucket elements) of group rank `rank`'s slices, from
     ZeroDataParallel's buckets: DataParallel's (reverse order, ~bucket_size_mb each), a tied
     embedding on a pipeline alone in its own, each padded to a multiple of W."""
-    params = [n for _, n in stage_params(cfg, tp, pp, stage)]
+    params = [n for _, n in stage_params(cfg, tp, pp, stage, chunks)]
     tied = cfg.tie_word_embeddings and pp > 1 and stage in (0, pp - 1)
     alone = ([params.pop(0)] if stage == 0 else [params.pop()]) if tied else None
     groups, cur, cap = [], [], bucket_size_mb * 2**20
@@ -109,15 +113,32 @@ def zero_slices(cfg, tp, pp, stage, W, rank, bucket_size_mb):
     return elements, pieces, padded
 
 
-def in_flight(schedule, pp, stage, micro_batches):
-    """Micro-batches whose activations a stage holds at once."""
+def in_flight(schedule, pp, stage, micro_batches, chunks=1):
+    """Micro-batches whose activations a stage holds at once (interleaved: (micro-batch, chunk) pairs)."""
     if pp == 1:
         return 1
+    if schedule == "interleaved":  # the warm-up forwards and the steady state's first one
+        return min(chunks * micro_batches, (chunks - 1) * pp + 2 * (pp - stage - 1) + 1)
     return micro_batches if schedule == "afab" else min(micro_batches, pp - stage)
 
 
+def held_at_peak(schedule, pp, stage, micro_batches, chunks, chunk_bytes):
+    """Interleaved: the stage's event list replayed, chunk c's forward adding chunk_bytes[c] and its
+    backward freeing them; -> the most bytes held at once (chunks may differ: the last scores)."""
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("pipeline_parallel_beside_memory", Path(__file__).with_name("pipeline_parallel.py"))
+    pipeline = module_from_spec(spec)
+    spec.loader.exec_module(pipeline)  # the trainer's own event lists, also when memory.py is loaded alone
+    held = peak = 0
+    for kind, _, c in pipeline.stage_events(schedule, pp, stage, micro_batches, chunks):
+        held += chunk_bytes[c] if kind == "F" else -chunk_bytes[c]
+        peak = max(peak, held)
+    return peak
+
+
 # ------------------------------------------------------------------ activations, op by op
-def activation_bytes(cfg, B, T, tp=1, cp=1, pp=1, stage=0, sp=False, dtype="float32", recompute=False):
+def activation_bytes(cfg, B, T, tp=1, cp=1, pp=1, stage=0, sp=False, dtype="float32", recompute=False, chunks=1):
     """Bytes autograd saves for backward in one micro-batch of B sequences of T tokens, on one rank
     of `stage`: {"layers": ..., "per_layer": ..., "other": ..., "transient": ...}."""
     D, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
@@ -147,7 +168,7 @@ def activation_bytes(cfg, B, T, tp=1, cp=1, pp=1, stage=0, sp=False, dtype="floa
     rope = 4 * n * hd * c if c == 2 else 0  # autocast: cos and sin cast for q and for k
     mlp = 4 * n * (I // tp) * c  # gate, up, silu(gate), silu(gate) * up
     per_layer = 2 * norm + entry_attn + entry_mlp + attn + rope + mlp + weights
-    L = stage_layer_count(cfg.num_hidden_layers, pp, stage)
+    L = stage_layer_count(cfg.num_hidden_layers, pp, stage, chunks)
     first, last = stage == 0, stage == pp - 1
 
     other = 2 * n * hd * f  # cos, sin of the micro-batch's positions (float32, shared by the layers)
@@ -160,30 +181,37 @@ def activation_bytes(cfg, B, T, tp=1, cp=1, pp=1, stage=0, sp=False, dtype="floa
     transient = n * (V // tp) * (f + c) if last else 0  # logits and the float32 copy the loss makes
     if recompute:
         transient += per_layer  # the layer being recomputed
-    return {"layers": layers, "per_layer": per_layer, "other": other, "transient": transient,
-            "total": layers + other}
+    out = {"layers": layers, "per_layer": per_layer, "other": other, "transient": transient, "total": layers + other}
+    if chunks > 1:  # per chunk: its layers, its own cos/sin and ids; the last rank's last chunk scores
+        base = 2 * n * hd * f + 8 * n
+        out["chunks"] = [stage_layer_count(cfg.num_hidden_layers, pp * chunks, k * pp + stage) * layers // L + base
+                         for k in range(chunks)]
+        out["chunks"][-1] += other - base
+    return out
 
 
 # ------------------------------------------------------------------ one rank's budget
 def predict(cfg, *, B, T, grad_acc, dp=1, pp=1, cp=1, tp=1, stage=None, sp=False, dtype="float32",
-            recompute=False, zero=0, schedule="1f1b", bucket_size_mb=25.0, zero_rank=None):
+            recompute=False, zero=0, schedule="1f1b", bucket_size_mb=25.0, zero_rank=None, chunks=1):
     """Bytes per rank of the pipeline stage `stage` (default: the first, which holds the most).
     With --zero 1 the optimizer state is that of group rank `zero_rank` (default: the last)."""
     stage = 0 if stage is None else stage
-    n, tensors = param_counts(cfg, tp, pp, stage)
+    n, tensors = param_counts(cfg, tp, pp, stage, chunks)
     W = dp * cp  # the ranks that hold the same weights: gradients are averaged over them
     out = {"weights": 4 * n, "gradients": 4 * n}
     if zero and W > 1:
         mine, pieces, padded = zero_slices(cfg, tp, pp, stage, W, W - 1 if zero_rank is None else zero_rank,
-                                           bucket_size_mb)
+                                           bucket_size_mb, chunks)
         out["buckets"] = 4 * padded + 4 * padded // W  # the buckets, and the slice they reduce into
         out["optimizer"] = 8 * mine + 4 * pieces
     else:
         out["buckets"] = 4 * n if W > 1 else 0
         out["optimizer"] = 8 * n + 4 * tensors
-    act = activation_bytes(cfg, B, T, tp, cp, pp, stage, sp, dtype, recompute)
-    k = in_flight(schedule, pp, stage, grad_acc)
+    act = activation_bytes(cfg, B, T, tp, cp, pp, stage, sp, dtype, recompute, chunks)
+    k = in_flight(schedule, pp, stage, grad_acc, chunks)
     out["activations"] = k * act["total"]
+    if chunks > 1:
+        out["activations"] = held_at_peak(schedule, pp, stage, grad_acc, chunks, act["chunks"])
     out["transient"] = act["transient"]
     out["peak"] = sum(out.values())
     out["in_flight"] = k
@@ -195,7 +223,8 @@ def predict_run(cfg, args, pgm, dtype):
     return predict(cfg, B=args.micro_batch_size, T=args.seq_len, grad_acc=args.grad_acc_steps, dp=pgm.dp_size,
                    pp=pgm.pp_size, cp=pgm.cp_size, tp=pgm.tp_size, stage=pgm.pp_rank, sp=args.sp, dtype=dtype,
                    recompute=args.recompute, zero=args.zero, schedule=args.pp_engine,
-                   bucket_size_mb=args.bucket_size_mb, zero_rank=pgm.dp_rank * pgm.cp_size + pgm.cp_rank)
+                   bucket_size_mb=args.bucket_size_mb, zero_rank=pgm.dp_rank * pgm.cp_size + pgm.cp_rank,
+                   chunks=args.pp_chunks)
 
 
 def describe(pred):
@@ -330,15 +359,16 @@ def add_memory_args(parser):
 def main(argv=None):
     """Print the predicted budget of every pipeline stage for train.py's flags (or --config)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from utils import base_parser, make_config
+    from utils import base_parser, make_config, positive, positive_float
 
     parser = base_parser("memory per rank, predicted")
     for flag in ("dp", "pp", "cp", "tp"):
-        parser.add_argument(f"--{flag}", type=int, default=1)
+        parser.add_argument(f"--{flag}", type=positive, default=1)
     parser.add_argument("--sp", action="store_true")
-    parser.add_argument("--pp-engine", choices=["afab", "1f1b"], default="1f1b")
+    parser.add_argument("--pp-engine", choices=["afab", "1f1b", "interleaved"], default="1f1b")
+    parser.add_argument("--pp-chunks", type=int, default=1)
     add_memory_args(parser)
-    parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory per device, for the verdict")
+    parser.add_argument("--gpu-gib", type=positive_float, default=80.0, help="memory per device, for the verdict")
     parser.add_argument("--config", default=None, help="a train.py config file (its other keys are ignored)")
     pre, _ = parser.parse_known_args(argv)
     if pre.config:  # its values become the defaults, as in train.py
@@ -357,7 +387,7 @@ def main(argv=None):
     for stage in range(args.pp):
         pred = predict(cfg, B=args.micro_batch_size, T=args.seq_len, grad_acc=args.grad_acc_steps, dp=args.dp,
                        pp=args.pp, cp=args.cp, tp=args.tp, stage=stage, sp=args.sp, dtype=dtype,
-                       recompute=args.recompute, zero=args.zero, schedule=args.pp_engine)
+                       recompute=args.recompute, zero=args.zero, schedule=args.pp_engine, chunks=args.pp_chunks)
         worst = max(worst, pred["peak"])
         print(f"stage {stage} ({pred['in_flight']} in flight): {describe(pred)}")
     verdict = "fits" if worst <= args.gpu_gib * GIB else "does NOT fit"

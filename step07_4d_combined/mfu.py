@@ -29,6 +29,8 @@ import re
 
 import torch
 
+from utils import positive_float
+
 # Dense (no sparsity) bf16 tensor-core peak per GPU, TFLOP/s, from the vendors' data sheets.
 # First match wins, so the more specific names come first.
 PEAK_TFLOPS = [
@@ -47,7 +49,7 @@ PEAK_TFLOPS = [
 
 
 def add_mfu_args(parser):
-    parser.add_argument("--peak-tflops", type=float, default=None,
+    parser.add_argument("--peak-tflops", type=positive_float, default=None,
                         help="peak FLOP/s per device in TFLOP/s for MFU (default: looked up from the GPU's name)")
 
 

@@ -279,7 +279,7 @@ def test_crash_while_saving_keeps_latest_on_the_previous_checkpoint(pp2_ckpt, tm
     run = _with_flag(args, "--save-dir", tmp_path / "ckpt")
     proc = torchrun(DIR / "train.py", 2, run, env={"COURSE_CRASH_IN_SAVE": "4"}, check=False)
     assert proc.returncode != 0
-    assert (tmp_path / "ckpt" / "step_000004" / "rank00001.safetensors").exists()  # files written...
+    assert (tmp_path / "ckpt" / "step_000004.tmp" / "rank00001.safetensors").exists()  # files written...
     assert (tmp_path / "ckpt" / "latest").read_text() == "step_000002"  # ...but never declared complete
     resumed = run_step(STEP, 2, [*run, "--resume", "latest"], tmp_path)
     assert [m["step"] for m in resumed] == list(range(2, 8))

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check, in one run: versions, every step's smoke test, the fused ring-attention kernels,
-# course vs transformers (eager and compiled), and train.py --compile with a profile.
+# The GPU check, in one run: versions, every step's smoke test, the fused ring-attention kernels and
+# torch's context_parallel against them (cp), course vs transformers (eager and compiled), and train.py --compile.
 #
 #   bash step07_4d_combined/tools/gpu_check.sh OUT [PART ...]     # on the GPU machine, from the repo root
 #   CHECK_DEVICE=cpu bash step07_4d_combined/tools/gpu_check.sh OUT  # the same parts, tiny, on a CPU
 #
-# PARTS (default: all, in this order): versions smoke ring bench compiled train summary.
+# PARTS (default: all, in this order): versions smoke ring cp bench compiled train summary.
 # Each part writes OUT/PART.log (benchmarks: OUT/bench_*.json, train: OUT/train.jsonl and
 # OUT/profile/rank0.json.gz); OUT/status.txt gets one "PART ok|FAIL seconds" line per part and a
 # failed part does not stop the others; OUT/summary.md is the table for step07's REFERENCE.md.
-# On an H200 the parts take about: smoke 2 min, ring 0.5, bench 1, compiled 3, train 2.
+# On an H200 the parts take about: smoke 2 min, ring 0.5, cp 0.5 (not yet timed), bench 1, compiled 3, train 2.
 #
 # No `datasets` on the GPU machine? Bring wheels for Python 3.12 in .whl/ (git-ignored), made here:
 #   echo /.whl/ >> .git/info/exclude
@@ -20,11 +20,11 @@
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUT [PART ...]}
 shift
-parts=${*:-versions smoke ring bench compiled train summary}
+parts=${*:-versions smoke ring cp bench compiled train summary}
 for part in $parts; do
-  case " versions smoke ring bench compiled train summary " in
+  case " versions smoke ring cp bench compiled train summary " in
     *" $part "*) ;;
-    *) echo "error: unknown part $part; parts: versions smoke ring bench compiled train summary"; exit 2 ;;
+    *) echo "error: unknown part $part; parts: versions smoke ring cp bench compiled train summary"; exit 2 ;;
   esac
 done
 cd "$(dirname "$0")/../.."  # the repository root
@@ -80,6 +80,7 @@ else:
 " ;;
     smoke) run_part smoke 300 python3 step07_4d_combined/tools/gpu_smoke.py "${dev[@]}" --max-steps 3 --timeout 120 ;;
     ring) run_part ring 120 python3 step07_4d_combined/tools/ring_check.py "${dev[@]}" ;;
+    cp) run_part cp 180 python3 -m torch.distributed.run --standalone --nproc_per_node 2 tests/workers/native_cp_gpu.py ;;
     bench) run_part bench 240 sh -c '"$@" > "$0"' "$out/bench_eager.json" "${bench[@]}" ;;
     compiled) run_part compiled 420 sh -c '"$@" > "$0"' "$out/bench_compiled.json" "${bench[@]}" --compile ;;
     train) rm -rf "$out/profile"
