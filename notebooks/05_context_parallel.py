@@ -235,7 +235,8 @@ plt.show()
 # - The next hop is posted before the current block is computed, so on a fast link the
 #   transfer hides behind the attention math.
 # - Contiguous: rank 0 owns the first tokens, which attend to almost nothing, and the last
-#   rank does (2cp-1)x more work - every ring step waits for it. Zig-zag pairs chunk r with
-#   chunk 2cp-1-r so every rank does the same work, with the same messages.
+#   rank does ((2cp-1)n + 1)/(n + 1) times its work, n = T/cp tokens per rank: 6.6x here
+#   (T = 64, cp = 4), towards 2cp-1 = 7 as T grows. Every ring step waits for it. Zig-zag pairs
+#   chunk r with chunk 2cp-1-r so every rank does the same work, with the same messages.
 # - Gradients of everything outside attention are per token: they are all-reduced with data
 #   parallelism over the cp x dp group (`cp_dp` in the trace) once per step.

@@ -22,11 +22,13 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import jupytext
 import nbclient
 import nbformat
+from jupyter_client.manager import KernelManager
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -65,9 +67,15 @@ def execute(nb, workdir, figures=None, timeout=120):
     env = {"OMP_NUM_THREADS": "1", "COURSE_FIGURES": str(figures) if figures else ""}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment
-    try:
-        nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
-                                resources={"metadata": {"path": str(workdir)}}).execute()
+    try:  # over IPC sockets in a folder of our own: a TCP kernel warns that it is unencrypted
+        with tempfile.TemporaryDirectory(prefix="kernel_") as sockets:
+            km = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(sockets) / "kernel"))
+            try:
+                nbclient.NotebookClient(nb, km=km, timeout=timeout, record_timing=False,
+                                        resources={"metadata": {"path": str(workdir)}}).execute()
+            finally:  # a kernel manager we made is ours to shut down (else: "Parent appears to have exited")
+                if km.has_kernel:
+                    km.shutdown_kernel()
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -78,6 +78,8 @@ from torch.autograd import Variable
 COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "all_to_all_single",
                "all_gather", "reduce_scatter", "reduce", "all_to_all", "barrier", "gather", "scatter",
                "all_gather_single", "reduce_scatter_single")  # the last two: torch >= 2.13 names
+# recorded under torch 2.11's names, so that a trace reads the same whichever torch recorded it
+RENAMED = {"all_gather_single": "all_gather_into_tensor", "reduce_scatter_single": "reduce_scatter_tensor"}
 P2P = ("send", "recv", "isend", "irecv")
 FULL = {"all_gather_into_tensor": "output_tensor", "all_gather_single": "output_tensor", "all_gather": "tensor_list",
         "reduce_scatter_tensor": "input", "reduce_scatter_single": "input", "reduce_scatter": "input_list",
@@ -286,7 +288,7 @@ class CommTracer:
                     if a.get(k) is not None:
                         peer = dist.get_global_rank(group, a[k])
                 tensor = a.get(FULL.get(name, "tensor"))
-                recs = [self._record(name, tensor, group, peer if name in P2P else None)]
+                recs = [self._record(RENAMED.get(name, name), tensor, group, peer if name in P2P else None)]
             self.local.depth = 1
             try:
                 out = fn(*args, **kwargs)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this step's own modules
 from data import DEFAULT_DATASET, DEFAULT_TOKENIZER, global_batch, load_sequences, load_tokenizer
 from model import Llama, init_weights, load_hf_weights, materialize
-from utils import (Metrics, base_parser, clip_grad_norm_, die, dump_params, lr_at, make_config,
+from utils import (Metrics, base_parser, batch_note, clip_grad_norm_, die, dump_params, lr_at, make_config,
                    memory_gib, resolve_device_dtype, stop_if_not_finite)
 
 
@@ -91,7 +91,8 @@ def main():
 
     if is_logger:
         print(f"model {args.model}: {n_params / 1e6:.2f}M parameters | {len(sequences)} sequences of "
-              f"{args.seq_len} tokens | global batch {G} sequences | {device} {dtype}")
+              f"{args.seq_len} tokens | global batch {G} sequences{batch_note(G, args.micro_batch_size)} | "
+              f"{device} {dtype}")
     metrics = Metrics(args.log_file, enabled=is_logger)
     tokens_seen = 0
     for step in range(args.max_steps):

@@ -70,6 +70,18 @@ def base_parser(description):
     return p
 
 
+def batch_note(G, micro_batch_size):
+    """What the first log line adds when the global batch G is not step01's default, the one whose
+    losses the READMEs compare with: how to match it."""
+    default = 8  # base_parser's --micro-batch-size 8 x --grad-acc-steps 1
+    if G == default:
+        return ""
+    micro_batches = G // micro_batch_size  # per optimizer step, over all ranks
+    how = (f"--micro-batch-size {default // micro_batches} matches it" if default % micro_batches == 0
+           else f"step01 with --micro-batch-size {G} runs this batch")
+    return f" (step01's default is {default}: {how})"
+
+
 def make_config(args, device=None):
     """A transformers.LlamaConfig from --model (a preset, or a directory with a Hugging Face config.json)
     plus the shape overrides, checked: anything the course's model would not compute exactly as

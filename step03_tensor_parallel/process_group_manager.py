@@ -42,6 +42,20 @@ def shutdown_distributed():
         dist.destroy_process_group()
 
 
+# torch 2.13 renamed two collectives and warns on the old names; torch 2.11 has only the old ones.
+# These pick by feature detection, at each call (notebooks/trace.py records both names as the old).
+def all_gather_flat(out, x, group, async_op=False):
+    """All-gather over `group`: every rank's `x`, concatenated along dim 0 in rank order, into `out`."""
+    gather = dist.all_gather_single if hasattr(dist, "all_gather_single") else dist.all_gather_into_tensor
+    return gather(out, x, group=group, async_op=async_op)
+
+
+def reduce_scatter_flat(out, x, group, async_op=False):
+    """Reduce-scatter (sum) over `group`: rank r's `out` is the sum of the r-th 1/size of `x` along dim 0."""
+    scatter = dist.reduce_scatter_single if hasattr(dist, "reduce_scatter_single") else dist.reduce_scatter_tensor
+    return scatter(out, x, group=group, async_op=async_op)
+
+
 class ProcessGroupManager:
     def __init__(self, dp, tp):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()

@@ -19,7 +19,7 @@ from model import Llama, init_weights, load_hf_weights, materialize
 from process_group_manager import ProcessGroupManager, init_distributed, shutdown_distributed
 from tensor_parallel import (allreduce_sequence_parallel_grads, apply_tensor_parallel, check_sp,
                              check_tp_divisibility, vocab_parallel_cross_entropy)
-from utils import (Metrics, base_parser, clip_grad_norm_, die, dump_params, lr_at, make_config,
+from utils import (Metrics, base_parser, batch_note, clip_grad_norm_, die, dump_params, lr_at, make_config,
                    memory_gib, positive, positive_float, resolve_device_dtype, stop_if_not_finite)
 
 
@@ -125,7 +125,8 @@ def main():
 
     if is_logger:
         print(f"model {args.model}: {n_params / 1e6:.2f}M parameters | {len(sequences)} sequences of "
-              f"{args.seq_len} tokens | global batch {G} sequences | {device} {dtype}")
+              f"{args.seq_len} tokens | global batch {G} sequences{batch_note(G, args.micro_batch_size)} | "
+              f"{device} {dtype}")
     metrics = Metrics(args.log_file, enabled=is_logger)
     tokens_seen = 0
     for step in range(args.max_steps):

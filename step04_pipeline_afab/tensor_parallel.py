@@ -52,6 +52,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from process_group_manager import all_gather_flat, reduce_scatter_flat
+
 
 def _rank_size(group):
     """(rank, size) inside `group`; (0, 1) when no process group exists (single process)."""
@@ -304,9 +306,9 @@ def apply_tensor_parallel(model, group, sp=False):
 # ---------------------------------------------------------------- sequence parallel (--sp)
 def _all_gather_t(x, group):
     """(B, T/tp, D) on each rank -> (B, T, D): rank r's tokens land at rows [r T/tp, (r+1) T/tp)."""
-    x = x.transpose(0, 1).contiguous()  # (T/tp, B, D): all_gather_into_tensor concatenates dim 0
+    x = x.transpose(0, 1).contiguous()  # (T/tp, B, D): the all-gather concatenates dim 0
     out = x.new_empty(dist.get_world_size(group) * x.shape[0], *x.shape[1:])  # (T, B, D)
-    dist.all_gather_into_tensor(out, x, group=group)  # all-gather over tp
+    all_gather_flat(out, x, group)  # all-gather over tp
     return out.transpose(0, 1).contiguous()  # (B, T, D); one copy here, not one in each linear reading it
 
 
@@ -314,7 +316,7 @@ def _reduce_scatter_t(x, group):
     """(B, T, D) partial sums on each rank -> (B, T/tp, D): the sum over tp of this rank's rows."""
     x = x.transpose(0, 1).contiguous()  # (T, B, D)
     out = x.new_empty(x.shape[0] // dist.get_world_size(group), *x.shape[1:])  # (T/tp, B, D)
-    dist.reduce_scatter_tensor(out, x, group=group)  # reduce-scatter (sum) over tp
+    reduce_scatter_flat(out, x, group)  # reduce-scatter (sum) over tp
     return out.transpose(0, 1)  # (B, T/tp, D)
 
 

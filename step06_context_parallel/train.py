@@ -20,10 +20,10 @@ from data_parallel import DataParallel
 from data import DEFAULT_DATASET, DEFAULT_TOKENIZER, global_batch, load_sequences, load_tokenizer
 from model import Llama, init_weights, load_hf_weights, materialize
 from pipeline_parallel import apply_pipeline_parallel, check_chunks, check_pp, sync_tied_embeddings, train_step
-from process_group_manager import ProcessGroupManager, init_distributed, shutdown_distributed
+from process_group_manager import ProcessGroupManager, all_gather_flat, init_distributed, shutdown_distributed
 from tensor_parallel import (allreduce_sequence_parallel_grads, apply_tensor_parallel, check_sp,
                              check_tp_divisibility, vocab_parallel_cross_entropy)
-from utils import (Metrics, base_parser, clip_grad_norm_, die, dump_params, lr_at, make_config,
+from utils import (Metrics, base_parser, batch_note, clip_grad_norm_, die, dump_params, lr_at, make_config,
                    memory_gib, positive, positive_float, resolve_device_dtype, stop_if_not_finite)
 
 
@@ -152,7 +152,8 @@ def main():
 
     if is_logger:
         print(f"model {args.model}: {n_params / 1e6:.2f}M parameters | {len(sequences)} sequences of "
-              f"{args.seq_len} tokens | global batch {G} sequences | {device} {dtype}")
+              f"{args.seq_len} tokens | global batch {G} sequences{batch_note(G, args.micro_batch_size)} | "
+              f"{device} {dtype}")
     metrics = Metrics(args.log_file, enabled=is_logger)
     tokens_seen = 0
     peak_inflight = 0  # the most micro-batches this stage held at once, over the run
@@ -190,7 +191,7 @@ def main():
 
     if pgm.pp_size > 1:  # once per run, not per step: all-gather over pp of every stage's peak
         peaks = torch.zeros(pgm.pp_size, dtype=torch.long, device=device)
-        dist.all_gather_into_tensor(peaks, torch.tensor([peak_inflight], device=device), group=pgm.pp_group)
+        all_gather_flat(peaks, torch.tensor([peak_inflight], device=device), pgm.pp_group)
         metrics.summary(pp_peak_inflight=peaks.tolist())
     metrics.close()
     if args.dump_params:

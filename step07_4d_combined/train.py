@@ -26,11 +26,11 @@ from memory import MemoryReport, add_memory_args, apply_recompute, describe, pre
 from mfu import MFU, add_mfu_args
 from model import Llama, init_weights, materialize
 from pipeline_parallel import apply_pipeline_parallel, check_chunks, check_pp, sync_tied_embeddings, train_step
-from process_group_manager import ProcessGroupManager, init_distributed, shutdown_distributed
+from process_group_manager import ProcessGroupManager, all_gather_flat, init_distributed, shutdown_distributed
 from speed import Profiler, add_speed_args, compile_layers
 from tensor_parallel import (allreduce_sequence_parallel_grads, apply_tensor_parallel, check_sp,
                              check_tp_divisibility, vocab_parallel_cross_entropy)
-from utils import (Metrics, base_parser, clip_grad_norm_, die, dump_params, lr_at, make_config,
+from utils import (Metrics, base_parser, batch_note, clip_grad_norm_, die, dump_params, lr_at, make_config,
                    memory_gib, positive, positive_float, resolve_device_dtype, stop_if_not_finite)
 from zero import ShardedAdamW, ZeroDataParallel
 
@@ -187,7 +187,8 @@ def main():
 
     if is_logger:
         print(f"model {args.model}: {n_params / 1e6:.2f}M parameters | {len(sequences)} sequences of "
-              f"{args.seq_len} tokens | global batch {G} sequences | {device} {dtype}")
+              f"{args.seq_len} tokens | global batch {G} sequences{batch_note(G, args.micro_batch_size)} | "
+              f"{device} {dtype}")
     metrics = Metrics(args.log_file, enabled=is_logger)
     mfu = MFU(config, args.seq_len, world_size, device, args.peak_tflops)  # model FLOPs / peak, see mfu.py
     prediction = predict_run(config, args, pgm, dtype)  # this rank's bytes, from the config (memory.py)
@@ -241,7 +242,7 @@ def main():
 
     if pgm.pp_size > 1:  # once per run, not per step: all-gather over pp of every stage's peak
         peaks = torch.zeros(pgm.pp_size, dtype=torch.long, device=device)
-        dist.all_gather_into_tensor(peaks, torch.tensor([peak_inflight], device=device), group=pgm.pp_group)
+        all_gather_flat(peaks, torch.tensor([peak_inflight], device=device), pgm.pp_group)
         metrics.summary(pp_peak_inflight=peaks.tolist())
     profiler.stop()
     metrics.close()

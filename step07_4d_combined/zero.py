@@ -55,6 +55,7 @@ import torch.distributed as dist
 
 from data_parallel import Bucket, DataParallel
 from pipeline_parallel import tied_embedding_group
+from process_group_manager import all_gather_flat, reduce_scatter_flat
 
 
 class ZeroDataParallel(DataParallel):
@@ -148,7 +149,7 @@ class ZeroDataParallel(DataParallel):
         if not b.whole:
             b.buffer.untyped_storage().resize_(4 * b.size)
             # all-gather over dp x cp, async: every rank's slice of the layer into its flat buffer
-            b.gather_work = dist.all_gather_into_tensor(b.buffer, b.weights, group=self.group, async_op=True)
+            b.gather_work = all_gather_flat(b.buffer, b.weights, self.group, async_op=True)
             b.whole, self.gathered = True, self.gathered + 4 * b.size
             self.peak_gathered = max(self.peak_gathered, self.gathered)
         if wait and b.gather_work is not None:
@@ -188,7 +189,7 @@ class ZeroDataParallel(DataParallel):
         if self.stage == 1:
             bucket.flatten_grads()
             # reduce-scatter (sum) over dp x cp, async: rank r receives the sum of slice r of the bucket
-            bucket.work = dist.reduce_scatter_tensor(bucket.shard, bucket.buffer, group=self.group, async_op=True)
+            bucket.work = reduce_scatter_flat(bucket.shard, bucket.buffer, self.group, async_op=True)
             return
         self._retire()  # one bucket on the wire at a time: the previous one's buffers go first
         flat = torch.zeros(bucket.size, device=bucket.shard.device)  # (size,) full size while in flight
@@ -198,7 +199,7 @@ class ZeroDataParallel(DataParallel):
                 p.grad = None  # the full gradient is freed as soon as the bucket holds it
         bucket.received = torch.empty_like(bucket.shard)
         # reduce-scatter (sum) over dp x cp, async: rank r receives slice r summed, added to its shard later
-        bucket.work = dist.reduce_scatter_tensor(bucket.received, flat, group=self.group, async_op=True)
+        bucket.work = reduce_scatter_flat(bucket.received, flat, self.group, async_op=True)
         bucket.flat, self.in_flight = flat, bucket
         self.peak_in_flight = max(self.peak_in_flight, 4 * (flat.numel() + bucket.received.numel()))
         bucket.reset()
@@ -240,7 +241,7 @@ class ZeroDataParallel(DataParallel):
             for piece, off in b.pieces:  # the slice's new values, into the send buffer
                 b.shard[off:off + piece.numel()].copy_(piece)
             buffer = b.buffer if b.buffer is not None else torch.empty(b.size, device=b.shard.device)
-            dist.all_gather_into_tensor(buffer, b.shard, group=self.group)  # all-gather over dp x cp
+            all_gather_flat(buffer, b.shard, self.group)  # all-gather over dp x cp
             for p, (lo, hi) in zip(b.params, b.slices):
                 p.view(-1).copy_(buffer[lo:hi])  # (numel,) -> param shape
             if self.stage >= 2:

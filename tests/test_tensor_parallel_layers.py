@@ -4,6 +4,7 @@ The module under test is found through COURSE_TP_DIR (default: step03_tensor_par
 """
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,11 @@ WORKER = Path(__file__).resolve().parent / "workers" / "tp_layers.py"
 def load_tp():
     spec = importlib.util.spec_from_file_location("course_tensor_parallel", TP_DIR / "tensor_parallel.py")
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(TP_DIR))  # as train.py has it: its own imports find their siblings
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(TP_DIR))
     return mod
 
 
