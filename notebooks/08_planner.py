@@ -56,9 +56,8 @@ fixed["compile"] = False
 best = {}
 for gpus in (8, 64, 512):
     kw = dict(gpus=gpus, gpus_per_node=8, T=8192, gbs=4 * gpus, hw=hw)
-    results = [plan.predict(cfg, lay, **kw) for lay in plan.candidate_layouts(cfg, gpus, 4 * gpus, 8192, fixed)]
-    best[gpus] = sorted((r for r in results if r["fits"]), key=lambda r: -r["tokens_per_s_per_gpu"])[:5]
-    print(f"{gpus:>4} GPUs: {len(results)} layouts, {sum(r['fits'] for r in results)} fit; best "
+    results, best[gpus] = plan.search(cfg, fixed, 5, **kw)  # closed form screens, memory.py decides
+    print(f"{gpus:>4} GPUs: {len(results)} layouts; best "
           f"{best[gpus][0]['layout']}: {best[gpus][0]['tokens_per_s_per_gpu']:,.0f} tok/s/GPU, "
           f"MFU {100 * best[gpus][0]['mfu']:.1f}%, {best[gpus][0]['memory_gib']:.1f} GiB")
 
@@ -73,16 +72,17 @@ for ax, (gpus, rows) in zip(axes, best.items()):
     ax.invert_yaxis()
     ax.set_xlabel("seconds per step")
     ax.set_title(f"{gpus} H100s, global batch {4 * gpus}")
-axes[0].legend(fontsize=8, loc="lower right")
+axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 fig.suptitle("Llama 3.1 8B, seq 8192: where the best layouts' step time goes (predicted)")
 fig.tight_layout()
 save(fig, "08_time_breakdown")
 
 # %% [markdown]
-# Reading it: on one node, ZeRO-3 over 8 ranks hides its gathers behind the layers (NVLink is fast
-# and each layer's compute is long), so the step is nearly all compute. At 64 and 512 GPUs the
-# gradient traffic crosses the network, and the best layouts keep tp inside the node and shorten
-# what dp must send.
+# Reading it: on one node the best layouts shard the state (ZeRO-3) and split the sequence (cp)
+# inside NVLink, where the gathers and the ring hide behind compute: the step is nearly all
+# compute. At 64 GPUs they put cp inside the node and pp across nodes, where only activations
+# travel: the bubble (grey) appears, and interleaving halves it. At 512 the batch per GPU is
+# the same, so dp grows: its all-reduce crosses the network (orange) beside the bubble.
 
 # %% [markdown]
 # ## Part 2: predicted beside measured, on this machine
@@ -118,7 +118,10 @@ save(fig, "08_cpu_predicted_vs_measured")
 # %% [markdown]
 # ## Part 3: what DP's overlap and interleaving buy on a GPU cluster (the model's answer)
 # Two loaded cores can't show it: their "network" is memory, and their compute is shared. On 64
-# H100s the planner can: Llama 3.1 70B, seq 4096, global batch 256, tp 8 inside each node.
+# H100s the planner can: Llama 3.1 70B, seq 4096, global batch 256, tp 8 inside each node. DP's
+# bucketed all-reduce hides behind the last backward but for its last bucket (the first two
+# bars); interleaving divides the bubble by V (the last three). At this size tp's all-reduces on
+# the critical path cost more than either: the next lever would be fewer tp ranks.
 
 # %%
 cfg70 = plan.load_model(str(use(plan.MODELS / "llama3.1-70b" / "config.json")))
@@ -140,5 +143,5 @@ ax.set_yticks(range(len(cases)), list(cases))
 ax.invert_yaxis()
 ax.set_xlabel("seconds per step (predicted)")
 ax.set_title("Llama 3.1 70B on 64 H100s: DP's bucket overlap, and the bubble divided by V")
-ax.legend(fontsize=8, ncol=4, loc="lower right")
+ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 save(fig, "08_overlap_and_interleaving")

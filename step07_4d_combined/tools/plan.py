@@ -35,7 +35,8 @@ The time model, per rank and optimizer step (m = micro-batches = gbs / (mbs x dp
   bubble     afab and 1f1b: (pp - 1) micro-batch slots; interleaved: (pp - 1) / V of them
              (bubble fraction (pp - 1) / (m V), Narayanan et al. 2021).
   cores      on a CPU, ranks beyond the cores share them: compute and launches slow down by
-             ranks / cores (gloo's threads too).
+             ranks / cores, and by the contention --calibrate measures when every core is busy
+             (shared caches and memory, the other ranks' gloo threads).
 A GPU's constants and their sources are in tools/hardware/NAME.json; cpu.json is measured here.
 """
 import argparse
@@ -43,6 +44,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -265,7 +267,9 @@ def step_time(cfg, lay, T, m, hw, gpus_per_node, overlap=True):
     dtype = "float32" if cpu else "bfloat16"
     c = 4 if cpu else 2
     ranks_here = min(gpus_per_node, lay.dp * lay.tp * lay.pp * lay.cp)
-    slow = max(1.0, ranks_here / hw["cores"]) if cpu else 1.0  # oversubscribed cores
+    slow = 1.0
+    if cpu:  # oversubscribed cores; and ranks that share the machine slow each other (calibrated)
+        slow = max(1.0, ranks_here / hw["cores"]) * (hw.get("contention", 1.0) if ranks_here > 1 else 1.0)
     D, L = cfg.hidden_size, cfg.num_hidden_layers
     H, Hkv, hd, I = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
     tokens = lay.mbs * T // lay.cp  # tokens of one micro-batch on a rank
@@ -413,14 +417,41 @@ def _allreduce_worker(rank, world, port, sizes, out):
         x = torch.ones(n // 4)
         for _ in range(3):
             dist.all_reduce(x)
-        t0 = time.perf_counter()
-        reps = 20
-        for _ in range(reps):
+        calls = []
+        for _ in range(100 if n < 2**20 else 10):
+            t0 = time.perf_counter()
             dist.all_reduce(x)
-        times[n] = (time.perf_counter() - t0) / reps
+            calls.append(time.perf_counter() - t0)
+        times[n] = statistics.median(calls)  # a busy machine adds outliers, not a new typical call
     if rank == 0:
         out.put(times)
     dist.destroy_process_group()
+
+
+def _busy_worker(rank, barrier, out):
+    """One rank's share of a busy machine: the same eager work as _eager_bench, all ranks at once."""
+    import torch
+
+    torch.set_num_threads(1)
+    barrier.wait()
+    out.put(_eager_bench())
+
+
+def _eager_bench():
+    """Seconds of a fixed mix of small eager ops (matmuls, adds): what a tiny model's rank does."""
+    import torch
+
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    for _ in range(200):
+        a @ b
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(3000):
+            c = a @ b
+            c = c + 1.0
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def calibrate(path):
@@ -435,22 +466,21 @@ def calibrate(path):
     b = torch.randn(256, 256)
     for _ in range(5):
         a @ b
-    t0, reps = time.perf_counter(), 200
-    for _ in range(reps):
-        a @ b
-    gflops = 2 * 256**3 * reps / (time.perf_counter() - t0) / 1e9
+    gflops, reps = 0.0, 100
+    for _ in range(5):  # the best of five: what the core does when nothing else runs
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        gflops = max(gflops, 2 * 256**3 * reps / (time.perf_counter() - t0) / 1e9)
     x = torch.randn(8 * 2**20)
     y = torch.empty_like(x)
-    t0 = time.perf_counter()
-    for _ in range(20):
-        torch.add(x, 1.0, out=y)
-    gbps = 2 * x.numel() * 4 * 20 / (time.perf_counter() - t0) / 1e9  # read + write
-    tiny = torch.ones(4)
-    t0 = time.perf_counter()
-    for _ in range(5000):
-        tiny = tiny + 1.0
-    op_us = (time.perf_counter() - t0) / 5000 * 1e6
-    ops_layer, ops_mb = count_ops()
+    gbps = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            torch.add(x, 1.0, out=y)
+        gbps = max(gbps, 2 * x.numel() * 4 * 10 / (time.perf_counter() - t0) / 1e9)  # read + write
+    ops_layer, ops_mb, op_us = count_ops()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -459,6 +489,13 @@ def calibrate(path):
     small, big = 4096, 16 * 2**20
     mp.spawn(_allreduce_worker, args=(2, port, [small, big], q), nprocs=2, join=True)
     times = q.get()
+    # ranks that share the machine slow each other down even with a core each (caches, memory,
+    # the other processes' threads): the same work in `cores` processes at once against one alone
+    alone = _eager_bench()
+    busy = ctx.Queue()
+    cores = os.cpu_count()
+    mp.spawn(_busy_worker, args=(ctx.Barrier(cores), busy), nprocs=cores, join=True)
+    contention = max(1.0, statistics.mean(busy.get() for _ in range(cores)) / alone)
     # two ranks: all_reduce = 2 (n - 1) = 2 steps of α + S/(2β)
     alpha = times[small] / 2
     beta = (big / 2) / max(times[big] / 2 - alpha, 1e-9)
@@ -468,9 +505,11 @@ def calibrate(path):
           "intra_node_latency_us": round(alpha * 1e6, 1), "inter_node_gbps": round(beta / 1e9, 3),
           "inter_node_latency_us": round(alpha * 1e6, 1), "cores": os.cpu_count(),
           "op_overhead_us": round(op_us, 2), "ops_per_layer": ops_layer, "ops_per_micro_batch": ops_mb,
+          "contention": round(contention, 3),
           "sources": {"all": f"measured by plan.py --calibrate on {time.strftime('%Y-%m-%d')}: float32 256^3 "
-                              "matmul, an 8M-float add, 5000 tiny adds, gloo all-reduce of 4 KiB and 16 MiB on 2 "
-                              "ranks, the aten ops of one step07 decoder layer's forward"}}
+                              "matmul, an 8M-float add, the tiny model's layer forward + backward over its ops, gloo all-reduce of 4 KiB and 16 MiB on 2 "
+                              "ranks, the aten ops of one step07 decoder layer's forward, a mix of small ops in one process and in "
+                              "one per core at once (contention)"}}
     path.write_text(json.dumps(hw, indent=2) + "\n")
     return hw
 
@@ -483,7 +522,9 @@ def _mem_gib():
 
 
 def count_ops():
-    """aten ops that step07's model launches in forward: per decoder layer, and outside the layers."""
+    """step07's model on this CPU: aten ops launched in forward per decoder layer and outside the
+    layers, and the cost of one op as training runs it (forward + backward of a layer, timed, over
+    its ops x 3: backward launches about twice the forward's)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -497,16 +538,26 @@ def count_ops():
             Count.n += 1
             return func(*args, **(kwargs or {}))
 
-    counts = []
-    for layers in (1, 2):
+    counts, seconds = [], []
+    for layers in (1, 3):
         args = base_parser("count").parse_args(["--model", "tiny", "--num-layers", str(layers)])
         model = M.Llama(make_config(args))
-        ids = torch.randint(0, 100, (1, 32))
+        ids = torch.randint(0, 100, (2, 64))
         Count.n = 0
         with Count():
             model(ids)
         counts.append(Count.n)
-    return counts[1] - counts[0], 2 * counts[0] - counts[1]
+        for _ in range(3):
+            model(ids).float().sum().backward()
+        runs = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            model(ids).float().sum().backward()
+            runs.append(time.perf_counter() - t0)
+        seconds.append(statistics.median(runs))
+    per_layer = (counts[1] - counts[0]) / 2
+    op_us = (seconds[1] - seconds[0]) / 2 / (3 * per_layer) * 1e6
+    return int(per_layer), int(counts[0] - per_layer), op_us
 
 
 # ------------------------------------------------------------------ the command line
