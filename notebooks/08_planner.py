@@ -145,3 +145,16 @@ ax.set_xlabel("seconds per step (predicted)")
 ax.set_title("Llama 3.1 70B on 64 H100s: DP's bucket overlap, and the bubble divided by V")
 ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 save(fig, "08_overlap_and_interleaving")
+
+# %% [markdown]
+# ## What to notice
+# - The planner is a model, not a measurement: every constant is in tools/hardware/NAME.json with
+#   its source, and plan.py's docstring states the whole time model. Change a constant and see
+#   which layout wins.
+# - On one node the best layouts are nearly all compute; what a bigger job adds first is the
+#   pipeline's bubble and dp's traffic across the network, not tp's.
+# - On this CPU the same model, calibrated by `plan.py --calibrate`, ranks the tiny layouts in the
+#   order train.py measures them; its absolute error is the calibration's noise on two shared cores.
+# - Overlap and interleaving buy seconds only where their traffic or bubble is on the critical
+#   path: at Llama 3.1 70B on 64 H100s with tp 8, tp's all-reduces cost more than either.
+

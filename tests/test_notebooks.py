@@ -51,7 +51,7 @@ def _copy_repo(tmp_path):
     """A repository to edit: notebooks/ copied, the step folders linked."""
     repo = tmp_path / "repo"
     shutil.copytree(NOTEBOOKS, repo / "notebooks", ignore=shutil.ignore_patterns("__pycache__"))
-    for step in REPO.glob("step0*"):
+    for step in [*REPO.glob("step0*"), REPO / "data"]:  # data/: the presets some notebooks read
         (repo / step.name).symlink_to(step)
     return repo
 

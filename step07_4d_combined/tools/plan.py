@@ -619,7 +619,7 @@ def main(argv=None):
             sys.exit(f"error: {err}")
         r = predict(cfg, lay, **kw)
         print(json.dumps(public(r), indent=2) if args.json else table([r], hw))
-        return r
+        return public(r)
     t0 = time.perf_counter()
     results = search(cfg, fixed, args.top, **kw)
     if results is None:
@@ -631,7 +631,7 @@ def main(argv=None):
         print(f"{args.model} on {args.gpus} x {hw['name']}, seq {T}, global batch {gbs}: {len(results)} layouts, "
               f"{sum(r['fits'] for r in results)} fit by the closed form ({time.perf_counter() - t0:.1f} s)")
         print(table(fitting, hw) if fitting else "none fits: more GPUs, a shorter sequence or a smaller batch")
-    return fitting
+    return [public(r) for r in fitting]
 
 
 if __name__ == "__main__":
