@@ -54,6 +54,18 @@ def model_config(name, **override):
     return SimpleNamespace(**c)
 
 
+def real_size_axes(fig, ax, ticks, labels, title, name):
+    """Finish a predicted-peak-at-real-size chart: the 80 GiB line, labels, legend; save it as NAME."""
+    ax.axhline(80, color="black", ls="--", lw=1, label="80 GiB GPU")
+    ax.set_xticks(ticks, labels, fontsize=7)
+    ax.set_ylabel("GiB per rank, predicted peak")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    plt.tight_layout()
+    save(fig, name)
+    plt.show()
+
+
 # %% [markdown]
 # ## Part 1: the tiny model, measured beside the prediction
 # The tiny preset widened to 4 layers (D = 64, vocab 1024), micro-batches of 2 x 64 tokens, 8
@@ -244,14 +256,8 @@ for config, gpus in REAL.items():
     ax.text((start + x - 1) / 2, -0.2, f"{model} on {gpus}, m = {base['grad_acc']}", ha="center", va="top",
             transform=ax.get_xaxis_transform(), fontsize=8)
     x += 0.6
-ax.axhline(80, color="black", ls="--", lw=1, label="80 GiB GPU")
-ax.set_xticks(list(ticks), list(ticks.values()), fontsize=7)
-ax.set_ylabel("GiB per rank, predicted peak")
-ax.set_title("at real size, bf16, shipped layouts (above each bar: micro-batches in flight)", fontsize=9)
-ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-plt.tight_layout()
-save(fig, "07_afab_1f1b")
-plt.show()
+real_size_axes(fig, ax, list(ticks), list(ticks.values()),
+               "at real size, bf16, shipped layouts (above each bar: micro-batches in flight)", "07_afab_1f1b")
 for engine in ("afab", "1f1b"):  # one micro-batch of a stage: its activation_bytes (the last one has the loss)
     held = [r["act_bytes_measured"] for r in shipped["runs"][f"pp4 {engine}"]]
     one_mb = [memory.activation_bytes(TINY_CFG, 2, 64, pp=P, stage=s)["total"] for s in range(P)]
@@ -358,15 +364,9 @@ for j, model in enumerate(("llama2-7b", "llama3.1-8b")):
                    label=part if x == 0 else None)
             bottom += p.get(part, 0) / GIB
         ax.text(x, bottom + 1, f"{bottom:.0f}", ha="center", va="bottom", fontsize=8)
-ax.axhline(80, color="black", ls="--", lw=1, label="80 GiB GPU")
-ax.set_xticks([5 * j + z for j in range(2) for z in range(4)],
-              [f"{m}\nzero {z}" for m in ("llama2-7b", "llama3.1-8b") for z in range(4)], fontsize=7)
-ax.set_ylabel("GiB per rank, predicted peak")
-ax.set_title("dp 8, bf16, --recompute, T = 4096, 8 micro-batches of 1 (above each bar: GiB)", fontsize=9)
-ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-plt.tight_layout()
-save(fig, "07_zero")
-plt.show()
+real_size_axes(fig, ax, [5 * j + z for j in range(2) for z in range(4)],
+               [f"{m}\nzero {z}" for m in ("llama2-7b", "llama3.1-8b") for z in range(4)],
+               "dp 8, bf16, --recompute, T = 4096, 8 micro-batches of 1 (above each bar: GiB)", "07_zero")
 base0 = sum(zrec["results"]["0"]["kept"].values())
 for z, r in zrec["results"].items():
     print(f"tiny dp 4 zero {z}: keeps {sum(r['kept'].values()) / base0:.1%} of zero 0's weights, gradients and "

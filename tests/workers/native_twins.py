@@ -301,6 +301,19 @@ def twin_tp(sp):
 
 
 # ------------------------------------------------------------------ PP vs torch.distributed.pipelining
+def stage_model(s, pp, stage):
+    """torchtitan's manual split: the whole model, then drop what pipeline stage `stage` does not own."""
+    model = build(s)
+    mine = {str(i) for i in s.pipeline_parallel.stage_layers(CFG["num_hidden_layers"], pp, stage)}
+    for name in [n for n in model.model.layers if n not in mine]:
+        del model.model.layers[name]
+    if stage != 0:
+        model.model.embed_tokens = nn.Identity()
+    if stage != pp - 1:
+        model.model.norm, model.lm_head = nn.Identity(), nn.Identity()
+    return model
+
+
 def twin_pp(schedule):
     """step04 (afab) / step05 (1f1b) train_step vs PipelineStage + ScheduleGPipe / Schedule1F1B."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -312,14 +325,7 @@ def twin_pp(schedule):
 
     def run(native):
         if native:  # torchtitan's manual split: the whole model, then drop what this stage does not own
-            model = build(s)
-            mine = {str(i) for i in s.pipeline_parallel.stage_layers(CFG["num_hidden_layers"], pp, stage)}
-            for name in [n for n in model.model.layers if n not in mine]:
-                del model.model.layers[name]
-            if not first:
-                model.model.embed_tokens = nn.Identity()
-            if not last:
-                model.model.norm, model.lm_head = nn.Identity(), nn.Identity()
+            model = stage_model(s, pp, stage)
             pipe = PipelineStage(model, stage, pp, torch.device("cpu"))
             cls = ScheduleGPipe if schedule == "afab" else Schedule1F1B
             sched = cls(pipe, n_microbatches=ga, loss_fn=ce)  # scale_grads: grads / n_microbatches
@@ -426,14 +432,7 @@ def twin_4d():
         if native:
             mesh = init_device_mesh("cpu", (dp, pp, tp), mesh_dim_names=("dp", "pp", "tp"))
             assert mesh["pp"].get_local_rank() == pgm.pp_rank and mesh["tp"].get_local_rank() == pgm.tp_rank
-            model = build(s)
-            mine = {str(i) for i in s.pipeline_parallel.stage_layers(CFG["num_hidden_layers"], pp, pgm.pp_rank)}
-            for name in [n for n in model.model.layers if n not in mine]:
-                del model.model.layers[name]
-            if not first:
-                model.model.embed_tokens = nn.Identity()
-            if not last:
-                model.model.norm, model.lm_head = nn.Identity(), nn.Identity()
+            model = stage_model(s, pp, pgm.pp_rank)
             plan = {k: v for k, v in tp_plan(CFG, False).items()
                     if isinstance(_submodule(model, k), (nn.Linear, nn.Embedding))}  # this stage's modules
             parallelize_module(model, mesh["tp"], plan)
